@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    ?= xai-out
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,peers]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install xaicli with test extras
+
+demo: $(STAMP)  ## explain sample_images/ with the embedded default model
+	$(BIN)/xai explain --config configs/demo.yaml --out $(OUT)
+
+test: $(STAMP)  ## run the whole test suite (CPU; CUDA tests skip without a GPU)
+	$(BIN)/python -m pytest -q -rs
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check xaicli tests bench
+	$(BIN)/ruff format --check xaicli tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_methods.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

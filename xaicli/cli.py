@@ -1,0 +1,188 @@
+"""`xai` command line: parse flags, build a RunConfig, call the runner, map errors to exit codes.
+
+No logic lives here beyond that.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, XaiError
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all done; 1 done, some images failed (see OUT/errors.csv); "
+    "2 usage or config error; 3 output folder locked by another run; 130 interrupted."
+)
+
+app = typer.Typer(
+    name="xai",
+    help="Batch explanations for image classifiers: heatmaps for whole folders, and faithfulness "
+    "metrics for what they show.\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err_console = Console(stderr=True)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"xai {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+):
+    pass
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def explain(
+    inputs: str | None = typer.Argument(
+        None, help="Folder (searched recursively), glob pattern ('imgs/**/*.jpg'), image file, or .txt list of paths."
+    ),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="Method(s), comma-separated (default gradcam). See `xai methods`."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default ./xai-out)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config; flags override its values."),
+    model: str | None = typer.Option(None, help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
+    weights: str | None = typer.Option(
+        None, help="default | none | a weights name/tag | a local .safetensors/.pt/.pth checkpoint."
+    ),
+    layer: str | None = typer.Option(None, help="Target layer for CAM methods (found automatically if omitted)."),
+    target: str | None = typer.Option(
+        None, help="'predicted' (default), a class index, or a labels CSV with columns image,class."
+    ),
+    device: str | None = typer.Option(None, help="auto (default), cpu, cuda, cuda:N."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per batch (default 8)."),
+    workers: int | None = typer.Option(None, help="DataLoader decode workers (default 2)."),
+    colormap: str | None = typer.Option(None, help="Matplotlib colormap for the overlays (default jet)."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bar or summary (for cron); errors still go to stderr."
+    ),
+):
+    """Explain every image of a folder: heatmap PNGs, raw .npy maps and explanations.csv.
+
+    Examples:\n
+      xai explain --method gradcam imgs/ --out out/\n
+      xai explain --config configs/nightly.yaml
+    """
+    from .config import build_config
+    from .progress import RichProgress
+    from .runner import run_explain
+
+    overrides = {
+        "input": inputs,
+        "methods": method,
+        "output": str(out) if out else None,
+        "model.name": model,
+        "model.weights": weights,
+        "model.layer": layer,
+        "target": target,
+        "device": device,
+        "batch_size": batch_size,
+        "workers": workers,
+        "colormap": colormap,
+    }
+    cfg = build_config(config, overrides)
+    progress = None if quiet else RichProgress(err_console)
+    summary = run_explain(cfg, progress=progress)
+    if not quiet:
+        _print_summary(summary)
+    if summary.failed:
+        err_console.print(f"[yellow]{summary.failed} image(s) failed; see {summary.out / 'errors.csv'}[/]")
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(s) -> None:
+    console = Console()
+    t = Table(title="xai explain", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("images", str(s.total))
+    t.add_row("done", str(s.done))
+    t.add_row("failed", str(s.failed) + (" (see errors.csv)" if s.failed else ""))
+    if s.ignored:
+        t.add_row("ignored", f"{s.ignored} non-image file(s)")
+    t.add_row("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} images/s)")
+    for k, v in s.method_seconds.items():
+        t.add_row(f"  {k}", f"{v:.2f} s on the device")
+    t.add_row("outputs", str(s.out.resolve()))
+    console.print(t)
+
+
+@app.command()
+def methods():
+    """List the attribution methods with a one-line description and their parameters."""
+    from .methods import METHODS
+
+    t = Table(title="methods")
+    t.add_column("name", style="bold")
+    t.add_column("description")
+    t.add_column("parameters")
+    for name, cls in sorted(METHODS.items()):
+        params = ", ".join(
+            f"{f.name}={f.default!r}" if f.default is not f.default_factory else f.name for f in cls.params()
+        )
+        t.add_row(name, cls.description, params)
+    Console().print(t)
+
+
+@app.command()
+def models():
+    """How to name a model: the embedded default, torchvision and timm classifiers, checkpoints."""
+    t = Table(title="models")
+    t.add_column("spec", style="bold")
+    t.add_column("what")
+    t.add_row("default", "EfficientNet-Lite0, ImageNet weights embedded (offline), timm tf_efficientnet_lite0")
+    t.add_row(
+        "torchvision:NAME",
+        "any torchvision classifier, e.g. torchvision:resnet50 (weights: DEFAULT, IMAGENET1K_V2, none)",
+    )
+    t.add_row(
+        "timm:NAME",
+        "any timm classifier, e.g. timm:convnext_tiny, timm:vit_small_patch16_224 (weights: default, a tag, none)",
+    )
+    t.add_row("+ weights: PATH", "a local checkpoint for that architecture: .safetensors, or .pt/.pth (weights_only)")
+    Console().print(t)
+    Console().print(
+        "Named weights download once into the torch/Hugging Face cache; offline, only cached or local weights work."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except XaiError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+    except click.exceptions.UsageError as e:
+        e.show()
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""RunConfig: YAML (or flags) -> one typed, validated object.
+
+Paths written in a config file are relative to that file's folder (so cron can run it from
+anywhere); paths given as command-line flags are relative to the current directory.
+Every mistake becomes a ConfigError naming the key and what is allowed (exit code 2).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, XaiError
+
+DEFAULT_OUT = "xai-out"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Strict):
+    name: str = Field("default", description="default | torchvision:NAME | timm:NAME")
+    weights: str | None = Field(None, description="default | none | weights name/tag | path to checkpoint")
+    num_classes: int | None = Field(None, gt=0, description="for checkpoints with their own head")
+    class_names: str | None = Field(None, description="text file, one class name per line")
+    layer: str | None = Field(None, description="target layer for CAM methods (auto when empty)")
+
+
+class InputCfg(_Strict):
+    path: str = Field(description="folder, glob pattern, image file, or .txt list of paths")
+    recursive: bool = True
+
+
+class MethodCfg(_Strict):
+    name: str
+    id: str | None = None  # output folder name; defaults to the method name
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.id or self.name
+
+
+class RunConfig(_Strict):
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    methods: list[MethodCfg] = Field(default_factory=lambda: [MethodCfg(name="gradcam")], min_length=1)
+    target: str | int = "predicted"
+    input: InputCfg | None = None
+    output: str = DEFAULT_OUT
+    device: str = "auto"
+    batch_size: int = Field(8, gt=0)
+    workers: int = Field(2, ge=0)
+    colormap: str = "jet"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    max_pixels: int = Field(178_956_970, gt=0)
+
+    # -- shorthand forms ---------------------------------------------------------------------
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_str(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_str(cls, v):
+        return {"path": v} if isinstance(v, str | Path) else v
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, v):
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if isinstance(v, dict):
+            v = [v]
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, dict) and "params" not in item:
+                item = dict(item)
+                out.append({"name": item.pop("name", None), "id": item.pop("id", None), "params": item})
+            elif isinstance(item, str):
+                out.append({"name": item})
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v):
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("a class index must be >= 0")
+            return v
+        if v.strip().isdigit():
+            return int(v)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @field_validator("colormap")
+    @classmethod
+    def _colormap(cls, v):
+        import matplotlib
+
+        if v not in matplotlib.colormaps:
+            raise ValueError("not a matplotlib colormap (e.g. jet, turbo, viridis, inferno, magma)")
+        return v
+
+    @model_validator(mode="after")
+    def _methods_exist(self):
+        from .methods import build_method
+
+        seen = set()
+        for i, m in enumerate(self.methods):
+            try:
+                build_method(m.name, **m.params)
+            except XaiError as e:
+                raise ValueError(f"methods[{i}]: {e}") from None
+            if m.key in seen:
+                raise ValueError(f"methods[{i}]: '{m.key}' appears twice; give one an `id:` (its output folder)")
+            if "/" in m.key or m.key.startswith("."):
+                raise ValueError(f"methods[{i}]: id '{m.key}' must be a plain folder name")
+            seen.add(m.key)
+        return self
+
+
+def _loc(loc) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def format_validation_error(e: ValidationError, source: str, model_cls=RunConfig) -> str:
+    msgs = []
+    for err in e.errors():
+        loc = _loc([p for p in err["loc"] if p not in ("function-after[_methods_exist()]",)])
+        if err["type"] == "extra_forbidden":
+            parent = model_cls
+            for p in err["loc"][:-1]:
+                f = getattr(parent, "model_fields", {}).get(p) if isinstance(p, str) else None
+                ann = getattr(f, "annotation", None) if f else None
+                sub = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+                parent = sub[0] if sub else parent
+            allowed = ", ".join(parent.model_fields)
+            msgs.append(f"unknown key '{loc}' (allowed: {allowed})")
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            where = f"'{loc}': " if loc else ""
+            got = "" if err["type"] in ("value_error", "missing") else f" (got {err.get('input')!r})"
+            msgs.append(f"{where}{text}{got}")
+    return f"{source}: " + "; ".join(msgs)
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys (model, methods, input, ...)")
+    return data
+
+
+def _rebase(data: dict, base: Path) -> dict:
+    """Make the config file's relative paths relative to its own folder."""
+
+    def fix(v: str) -> str:
+        return v if Path(v).is_absolute() else str(base / v)
+
+    d = dict(data)
+    if isinstance(d.get("input"), str):
+        d["input"] = fix(d["input"])
+    elif isinstance(d.get("input"), dict) and isinstance(d["input"].get("path"), str):
+        d["input"] = {**d["input"], "path": fix(d["input"]["path"])}
+    if isinstance(d.get("output"), str):
+        d["output"] = fix(d["output"])
+    if isinstance(d.get("target"), str) and d["target"] != "predicted" and not d["target"].strip().isdigit():
+        d["target"] = fix(d["target"])
+    if isinstance(d.get("model"), dict):
+        m = dict(d["model"])
+        for k in ("class_names",):
+            if isinstance(m.get(k), str):
+                m[k] = fix(m[k])
+        w = m.get("weights")
+        if isinstance(w, str) and ("/" in w or w.endswith((".pt", ".pth", ".safetensors", ".bin"))):
+            m["weights"] = fix(w)
+        d["model"] = m
+    return d
+
+
+def build_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Read the YAML file (if any), apply flag overrides (non-None values), validate."""
+    data: dict = {}
+    source = "command line"
+    if path is not None:
+        data = _rebase(read_yaml(path), Path(path).resolve().parent)
+        source = str(path)
+    for key, val in (overrides or {}).items():
+        if val is None:
+            continue
+        if key.startswith("model."):
+            m = data.get("model", {})
+            m = {"name": m} if isinstance(m, str) else dict(m)
+            m[key.split(".", 1)[1]] = val
+            data["model"] = m
+        elif key == "input" and isinstance(data.get("input"), dict):
+            data["input"] = {**data["input"], "path": val}
+        else:
+            data[key] = val
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+    if cfg.input is None:
+        raise ConfigError(f"{source}: no input: give a folder, glob or list file (argument or `input:` key)")
+    if isinstance(cfg.target, str) and cfg.target != "predicted" and not Path(cfg.target).is_file():
+        raise ConfigError(
+            f"{source}: 'target': '{cfg.target}' is not 'predicted', a class index, or an existing labels file"
+        )
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> dict:
+    d = cfg.model_dump(mode="json")
+    d["methods"] = [{"name": m.name, **({"id": m.id} if m.id else {}), **m.params} for m in cfg.methods]
+    return d

@@ -1,0 +1,210 @@
+"""Image discovery (folder / glob / list file / single file) and the batched loading pipeline.
+
+Decoding runs in DataLoader workers: each item is opened with EXIF orientation applied and
+converted to RGB correctly (grayscale, RGBA/LA/palette with transparency over white, CMYK,
+16-bit), preprocessed for the model, and returned with its original pixels for the overlay.
+A file that cannot be decoded comes back as a failure (path, reason) instead of an exception.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import InputError
+from .models.preprocess import Preprocess
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's hard limit (2 x MAX_IMAGE_PIXELS): bigger is a decompression bomb
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path  # where to read it
+    rel: str  # output key: POSIX path relative to the input root, extension dropped
+
+
+@dataclass
+class Discovery:
+    root: Path
+    items: list[ImageItem]
+    ignored: int = 0  # files without an image extension in a folder
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def safe_rel(path: Path, root: Path) -> str:
+    """Relative POSIX path under `root`; never contains '..' or an absolute part."""
+    try:
+        rel = PurePosixPath(path.resolve(strict=False).relative_to(root.resolve()).as_posix())
+    except ValueError:
+        # outside the root (absolute entry in a list file, a symlink out): keep the name parts only
+        parts = [p for p in PurePosixPath(path.as_posix()).parts if p not in ("/", "..", ".") and not p.endswith(":")]
+        rel = PurePosixPath("_external", *parts)
+    parts = [p for p in rel.parts if p not in ("..", ".", "/")]
+    return str(PurePosixPath(*parts)) if parts else path.name
+
+
+def _keys(paths: list[Path], root: Path) -> list[ImageItem]:
+    rels = [safe_rel(p, root) for p in paths]
+    stems = [str(PurePosixPath(r).with_suffix("")) for r in rels]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out = []
+    for p, r, s in zip(paths, rels, stems, strict=True):
+        # a.jpg and a.png in one folder would collide: keep the extension as _jpg / _png
+        key = s if counts[s] == 1 else s + "_" + PurePosixPath(r).suffix.lstrip(".").lower()
+        out.append(ImageItem(p, key))
+    return out
+
+
+def discover(spec: str | Path, recursive: bool = True, extensions=IMAGE_EXTENSIONS) -> Discovery:
+    """Find the images a run should process, in a deterministic (sorted) order."""
+    s = str(spec)
+    exts = tuple(e.lower() for e in extensions)
+    if _has_glob(s) and not Path(s).exists():
+        root = Path(s.split("*")[0].split("?")[0].split("[")[0] or ".")
+        root = root if root.is_dir() else root.parent
+        paths = sorted(Path(p) for p in globmod.glob(s, recursive=True) if os.path.isfile(p) or os.path.islink(p))
+        if not paths:
+            raise InputError(f"input: the pattern '{s}' matches no file")
+        return Discovery(root, _keys(paths, root))
+    p = Path(s)
+    if not p.exists() and not p.is_symlink():
+        raise InputError(f"input: '{s}' does not exist (give a folder, a glob pattern, an image or a .txt list)")
+    if p.is_dir():
+        walker = p.rglob("*") if recursive else p.glob("*")
+        paths, ignored = [], 0
+        for f in walker:
+            if f.is_dir():
+                continue
+            if f.suffix.lower() in exts:
+                paths.append(f)
+            else:
+                ignored += 1
+        paths.sort(key=lambda q: q.as_posix())
+        if not paths:
+            raise InputError(f"input: no images ({', '.join(exts)}) in folder '{s}'")
+        return Discovery(p, _keys(paths, p), ignored)
+    if p.suffix.lower() in LIST_SUFFIXES:
+        base = p.parent
+        lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+        paths = []
+        for ln in lines:
+            ln = ln.strip()
+            if not ln or ln.startswith("#"):
+                continue
+            q = Path(ln)
+            paths.append(q if q.is_absolute() else base / q)
+        if not paths:
+            raise InputError(f"input: the list file '{s}' names no image")
+        return Discovery(base, _keys(paths, base))
+    return Discovery(p.parent, _keys([p], p.parent))
+
+
+# ------------------------------------------------------------------------------------------
+# decoding
+# ------------------------------------------------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled (not clipped), alpha composited over white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return Image.fromarray((a * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, check the pixel limit, apply EXIF orientation and convert to RGB (first frame)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"{w}x{h} = {w * h} pixels is above the pixel limit {max_pixels}")
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+
+
+def _reason(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {msg}"[:300]
+
+
+class ImageDataset(Dataset):
+    def __init__(self, items: list[ImageItem], preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.items = items
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            img = load_image(self.items[i].path, self.max_pixels)
+            x = self.preprocess(img)
+            orig = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+            return {"index": i, "x": x, "orig": orig, "error": None}
+        except Exception as e:  # any decode problem is this image's failure, not the run's
+            return {"index": i, "x": None, "orig": None, "error": _reason(e)}
+
+
+@dataclass
+class Batch:
+    indices: list[int]
+    x: torch.Tensor | None  # [B, 3, H, W] for the decoded images
+    origs: list[torch.Tensor]  # HxWx3 uint8, original resolution (EXIF-rotated)
+    failures: list[tuple[int, str]]
+
+
+def collate(samples: list[dict]) -> Batch:
+    ok = [s for s in samples if s["error"] is None]
+    return Batch(
+        indices=[s["index"] for s in ok],
+        x=torch.stack([s["x"] for s in ok]) if ok else None,
+        origs=[s["orig"] for s in ok],
+        failures=[(s["index"], s["error"]) for s in samples if s["error"] is not None],
+    )
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if workers > 0 else None,
+    )

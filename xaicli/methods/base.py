@@ -1,0 +1,181 @@
+"""Method contract, registry and the shared machinery (target selection, eval mode, upsampling).
+
+A method maps a preprocessed batch to one map per image on the same device:
+    method(model, x [B,C,H,W], target LongTensor[B] | None) -> maps [B,H,W] float32
+`run` returns the same maps plus the logits of its own forward pass (so the runner needs no
+extra forward) and optional per-image extras (written as CSV columns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import TypeAdapter, ValidationError
+from torch import Tensor, nn
+
+from ..errors import MethodError
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str, description: str):
+    """Class decorator: register a Method dataclass under `name` with a one-line description."""
+
+    def deco(cls):
+        cls.name = name
+        cls.description = description
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass
+class Explanation:
+    maps: Tensor  # [B, H, W] float32, unnormalized
+    logits: Tensor | None = None  # [B, classes], detached, from the method's own forward
+    extras: dict[str, Tensor] = field(default_factory=dict)  # per-image values [B]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in eval mode (BatchNorm in train mode couples the images of a batch); restore after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def select_target(logits: Tensor, target: Tensor | int | None) -> Tensor:
+    """LongTensor [B]: the predicted class when target is None, else the given class(es)."""
+    if target is None:
+        return logits.argmax(dim=1)
+    if isinstance(target, int):
+        return torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
+    return target.to(device=logits.device, dtype=torch.long).reshape(-1)
+
+
+def check_target(target: Tensor, num_classes: int) -> None:
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise MethodError(f"target class out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """[B, h, w] -> [B, H, W], bilinear (align_corners=False), on the maps' device."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+@dataclass
+class Method:
+    """Base class. Parameters are dataclass fields (validated from config/CLI/API)."""
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    needs_layer: ClassVar[bool] = False
+
+    def prepare(self, model: nn.Module, input_size: tuple[int, int]) -> None:
+        """Resolve anything that depends on the model (e.g. the target layer); called once."""
+
+    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, x: Tensor, target: Tensor | int | None = None) -> Tensor:
+        if isinstance(target, int):
+            target = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
+        return self.run(model, x, target).maps
+
+    @classmethod
+    def params(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+
+def build_method(name: str, **params) -> Method:
+    """Validate `params` against the method's dataclass fields and build it."""
+    if name not in METHODS:
+        raise MethodError(f"unknown method '{name}' (allowed: {', '.join(sorted(METHODS))})")
+    cls = METHODS[name]
+    allowed = {f.name for f in cls.params()}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        shown = ", ".join(sorted(allowed)) or "none"
+        raise MethodError(f"method '{name}': unknown parameter '{unknown[0]}' (allowed: {shown})")
+    try:
+        return TypeAdapter(cls).validate_python(params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise MethodError(f"method '{name}': parameter '{loc}': {err['msg']} (got {err.get('input')!r})") from e
+
+
+def explain(model, x: Tensor, method: str | Method = "gradcam", target=None, **params) -> Tensor:
+    """Python API: maps [B, H, W] for a preprocessed batch `x` (on the model's device).
+
+    `model` is an nn.Module or the LoadedModel from `load_model`; `target` is None (predicted
+    class), an int, or a LongTensor [B]; `params` are the method's parameters.
+    """
+    net = getattr(model, "model", model)
+    m = method if isinstance(method, Method) else build_method(method, **params)
+    with eval_mode(net):
+        m.prepare(net, tuple(x.shape[-2:]))
+        return m(net, x, target)
+
+
+# --------------------------------------------------------------------------------------------
+# CAM family: the base class owns forward, hook, target score, ReLU and upsampling.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CAMMethod(Method):
+    """Map = ReLU(sum_k w_k A^k), upsampled. Subclasses give `weights(acts, grads)` -> [B, K]."""
+
+    needs_layer: ClassVar[bool] = True
+    needs_grad: ClassVar[bool] = True
+    layer: str | None = None
+
+    def prepare(self, model: nn.Module, input_size: tuple[int, int]) -> None:
+        from ..models.layers import find_target_layer, get_module
+
+        if self.layer is None:
+            self.layer = find_target_layer(model, input_size)
+        else:
+            get_module(model, self.layer)  # raises with the candidates if wrong
+
+    def weights(self, acts: Tensor, grads: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def combine(self, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """[B, K, h, w] -> [B, h, w] before ReLU; override for per-position weights."""
+        w = self.weights(acts, grads)
+        return torch.einsum("bk,bkhw->bhw", w, acts)
+
+    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
+        from ..models.layers import tokens_to_grid
+        from .hooks import capture
+
+        if self.layer is None:
+            self.prepare(model, tuple(x.shape[-2:]))
+        x = x.detach().requires_grad_(self.needs_grad)
+        with torch.set_grad_enabled(self.needs_grad), capture(model, self.layer) as cap:
+            logits = model(x)
+            tgt = select_target(logits, target)
+            check_target(tgt, logits.shape[1])
+            acts = cap.activation
+            grads = None
+            if self.needs_grad:
+                score = logits.gather(1, tgt[:, None]).sum()
+                (grads,) = torch.autograd.grad(score, acts)
+        acts = acts.detach()
+        if acts.dim() == 3:  # ViT tokens [B, N, D] -> [B, D, h, w]
+            acts = tokens_to_grid(acts)
+            grads = tokens_to_grid(grads) if grads is not None else None
+        cam = F.relu(self.combine(acts.float(), grads.float() if grads is not None else None))
+        return Explanation(upsample(cam, tuple(x.shape[-2:])), logits.detach())

@@ -1,0 +1,58 @@
+"""THE ONLY module that registers hooks on a model.
+
+Every hook is installed by a context manager and removed on any exit, exceptions included.
+Hooks never modify the user's modules; activations are captured with a forward hook that
+hands the rest of the network a copy, so in-place activations after the layer (ReLU(inplace),
+timm's act layers) cannot overwrite what was captured or break the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models.layers import get_module
+
+
+class Capture:
+    """What `capture` saw: the layer's output from the last forward pass."""
+
+    def __init__(self) -> None:
+        self.activation: torch.Tensor | None = None
+
+
+@contextmanager
+def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
+    """Record the output of `model.<layer>`; the hook is removed when the block exits."""
+    module = get_module(model, layer)
+    cap = Capture()
+
+    def hook(_mod, _inp, out):
+        t = out[0] if isinstance(out, tuple | list) else out
+        cap.activation = t
+        # downstream in-place ops act on the copy; gradients still flow back through `t`
+        clone = t.clone()
+        return (clone, *out[1:]) if isinstance(out, tuple) else clone
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield cap
+    finally:
+        handle.remove()
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of hooks of any kind on the model's modules (0 for a clean model)."""
+    n = 0
+    for m in model.modules():
+        for d in (
+            m._forward_hooks,
+            m._forward_pre_hooks,
+            m._backward_hooks,
+            getattr(m, "_backward_pre_hooks", {}),
+        ):
+            n += len(d)
+    return n

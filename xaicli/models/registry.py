@@ -1,0 +1,214 @@
+"""Model specs -> (model, preprocessing, class names).
+
+Specs:
+    default              the embedded EfficientNet-Lite0 (offline, ImageNet weights)
+    torchvision:NAME     any torchvision classifier, e.g. torchvision:resnet50
+    timm:NAME            any timm classifier, e.g. timm:convnext_tiny (a tag: timm:NAME.TAG)
+
+Weights (`weights=`):
+    None / "default"     the library's default pretrained weights (download or local cache)
+    "none"               random initialisation (tests, architecture checks)
+    NAME                 a torchvision weights enum name (IMAGENET1K_V2) or a timm tag
+    PATH                 a local checkpoint: .safetensors, or .pt/.pth read with weights_only=True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .preprocess import Preprocess
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+OFFLINE_HINT = (
+    "no network and no cached copy? Put the weights file in the cache (torch hub: "
+    "~/.cache/torch/hub/checkpoints, timm/Hugging Face: ~/.cache/huggingface) or pass a local "
+    "checkpoint with `weights: path/to/file.safetensors`"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A classifier in eval mode with everything needed to feed it and name its classes."""
+
+    model: nn.Module
+    preprocess: Preprocess
+    class_names: list[str]
+    spec: str
+    weights: str | None = None
+    info: dict = field(default_factory=dict)
+
+    def to(self, device) -> LoadedModel:
+        self.model.to(device)
+        return self
+
+    def label(self, index: int) -> str:
+        return self.class_names[index] if 0 <= index < len(self.class_names) else f"class_{index}"
+
+
+def imagenet_class_names() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]
+
+
+def _class_names(num_classes: int, names_file: str | Path | None) -> list[str]:
+    if names_file is not None:
+        p = Path(names_file)
+        if not p.is_file():
+            raise ModelError(f"model.class_names: file not found: {p}")
+        names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(names) != num_classes:
+            raise ModelError(f"model.class_names: {p} has {len(names)} names, the model has {num_classes} classes")
+        return names
+    if num_classes == 1000:
+        return imagenet_class_names()
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _num_outputs(model: nn.Module) -> int:
+    for attr in ("num_classes",):
+        n = getattr(model, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last.out_features if last is not None else 1000
+
+
+def _is_path(weights: str | None) -> bool:
+    return weights is not None and (weights.lower().endswith(CHECKPOINT_SUFFIXES) or "/" in weights or "\\" in weights)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely: safetensors, or torch.load(weights_only=True)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model.weights: checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p), device="cpu")
+        except Exception as e:
+            raise ModelError(f"model.weights: {p} is not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"model.weights: refused to load {p}: it is not a plain tensor checkpoint "
+            f"(weights_only=True rejected it: {first[:160]}). Save a state_dict, ideally as .safetensors"
+        ) from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"model.weights: {p} does not hold a state_dict (a mapping of names to tensors)")
+    return obj
+
+
+def _load_checkpoint_into(model: nn.Module, path: str) -> None:
+    sd = load_state_dict_file(path)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise ModelError(f"model.weights: {path} does not fit the architecture: {msg[:300]}") from e
+
+
+def _build_torchvision(name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError as e:
+        raise ModelError(f"model: torchvision has no model '{name}' (see torchvision.models.list_models())") from e
+    weights_enum = torchvision.models.get_model_weights(builder)
+    w = None
+    if weights is None or weights.lower() == "default":
+        w = weights_enum.DEFAULT
+    elif weights.lower() != "none" and not _is_path(weights):
+        try:
+            w = weights_enum[weights]
+        except KeyError as e:
+            allowed = ", ".join(m.name for m in weights_enum)
+            raise ModelError(f"model.weights: '{weights}' is not a weight of {name} (allowed: {allowed})") from e
+    kwargs = {}
+    if num_classes is not None and w is None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = builder(weights=w, **kwargs)
+    except Exception as e:  # download failures come as URLError, OSError, RuntimeError...
+        raise ModelError(
+            f"model: could not get weights {w} for torchvision:{name} ({type(e).__name__}: {e}); {OFFLINE_HINT}"
+        ) from e
+    preset = (w or weights_enum.DEFAULT).transforms()
+    return model, Preprocess.from_torchvision(preset)
+
+
+def _build_timm(name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    import timm
+
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise ModelError(f"model: timm has no model '{arch}' (see timm.list_models())")
+    pretrained = weights is None or (weights.lower() != "none" and not _is_path(weights))
+    full = name
+    if weights and pretrained and weights.lower() != "default":
+        full = f"{arch}.{weights}"
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        model = timm.create_model(full, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise ModelError(f"model: timm could not build {full}: {e}") from e
+        raise ModelError(
+            f"model: could not get pretrained weights for timm:{full} ({type(e).__name__}: {str(e)[:200]}); {OFFLINE_HINT}"
+        ) from e
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return model, Preprocess.from_timm(cfg)
+
+
+def load_model(
+    spec: str = "default",
+    weights: str | None = None,
+    *,
+    num_classes: int | None = None,
+    class_names: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build a classifier from a spec and return it in eval mode with its preprocessing."""
+    spec = spec.strip()
+    if spec == "default":
+        if weights not in (None, "default"):
+            raise ModelError(
+                "model.weights: the default model has its own embedded weights; use timm:tf_efficientnet_lite0 for others"
+            )
+        import timm
+
+        from .default import build_default
+
+        model = build_default()
+        pre = Preprocess.from_timm(timm.data.resolve_data_config({}, model=model))
+    elif spec.startswith("torchvision:"):
+        model, pre = _build_torchvision(spec.split(":", 1)[1], weights, num_classes)
+    elif spec.startswith("timm:"):
+        model, pre = _build_timm(spec.split(":", 1)[1], weights, num_classes)
+    else:
+        raise ModelError(
+            f"model: unknown spec '{spec}' (allowed: default, torchvision:NAME, timm:NAME; "
+            "a local checkpoint goes in `weights:` together with its architecture)"
+        )
+    if _is_path(weights):
+        _load_checkpoint_into(model, weights)
+    model.eval()
+    n = _num_outputs(model)
+    return LoadedModel(model.to(device), pre, _class_names(n, class_names), spec, weights)

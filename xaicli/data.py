@@ -141,14 +141,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, check the pixel limit, apply EXIF orientation and convert to RGB (first frame)."""
+    """Open, check the pixel limit, apply EXIF orientation and convert to RGB (first frame).
+
+    The size comes from the header before anything is decoded, so a decompression bomb is
+    refused without allocating its pixels.
+    """
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below replaces PIL's global one
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ValueError(f"{w}x{h} = {w * h} pixels is above the pixel limit {max_pixels}")
+                raise ValueError(f"{w}x{h} = {w * h} pixels is above the pixel limit {max_pixels} (max_pixels)")
             im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im)

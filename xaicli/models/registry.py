@@ -154,6 +154,28 @@ def _build_torchvision(name: str, weights: str | None, num_classes: int | None) 
     return model, Preprocess.from_torchvision(preset)
 
 
+def _timm_create(full: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """Cache first (no network round-trips); the Hub only when the cache misses and we may go online."""
+    import timm
+
+    if not pretrained:
+        return timm.create_model(full, pretrained=False, **kwargs)
+    try:
+        import huggingface_hub.constants as hf_constants
+    except ImportError:  # pragma: no cover - timm depends on it
+        return timm.create_model(full, pretrained=True, **kwargs)
+    was_offline = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(full, pretrained=True, **kwargs)
+    except Exception:
+        if was_offline:
+            raise
+    finally:
+        hf_constants.HF_HUB_OFFLINE = was_offline
+    return timm.create_model(full, pretrained=True, **kwargs)
+
+
 def _build_timm(name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
     import timm
 
@@ -166,7 +188,7 @@ def _build_timm(name: str, weights: str | None, num_classes: int | None) -> tupl
         full = f"{arch}.{weights}"
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     try:
-        model = timm.create_model(full, pretrained=pretrained, **kwargs)
+        model = _timm_create(full, pretrained, kwargs)
     except Exception as e:
         if not pretrained:
             raise ModelError(f"model: timm could not build {full}: {e}") from e

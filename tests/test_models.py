@@ -5,7 +5,7 @@ import torch
 
 from conftest import SAMPLES
 from xaicli.data import load_image
-from xaicli.errors import ModelError, MethodError
+from xaicli.errors import MethodError, ModelError
 from xaicli.models import load_model
 from xaicli.models.layers import find_target_layer, get_module
 
@@ -15,7 +15,7 @@ def top(lm, name, k=3):
     with torch.no_grad():
         p = lm.model(x).softmax(-1)[0]
     v, i = p.topk(k)
-    return [(lm.label(int(j)), float(q)) for q, j in zip(v, i)]
+    return [(lm.label(int(j)), float(q)) for q, j in zip(v, i, strict=True)]
 
 
 def test_default_model_chelsea_is_a_cat(default_model):

@@ -30,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one line per message, also in cron logs
 
 
 def _version(value: bool):
@@ -70,6 +70,19 @@ def explain(
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per batch (default 8)."),
     workers: int | None = typer.Option(None, help="DataLoader decode workers (default 2)."),
     colormap: str | None = typer.Option(None, help="Matplotlib colormap for the overlays (default jet)."),
+    force: bool = typer.Option(
+        False, "--force", help="Redo every image (and replace the outputs of a different config)."
+    ),
+    wait: bool = typer.Option(
+        False, "--wait", help="If another run holds the output folder, wait for it (else exit 3)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be done; write nothing."),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Process at most N images (of those not up to date)."
+    ),
+    shard: str | None = typer.Option(
+        None, "--shard", help="I/N: only the images of shard I of N (deterministic by name; one --out per shard)."
+    ),
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress bar or summary (for cron); errors still go to stderr."
     ),
@@ -82,7 +95,7 @@ def explain(
     """
     from .config import build_config
     from .progress import RichProgress
-    from .runner import run_explain
+    from .runner import RunOptions, run_explain
 
     overrides = {
         "input": inputs,
@@ -99,12 +112,31 @@ def explain(
     }
     cfg = build_config(config, overrides)
     progress = None if quiet else RichProgress(err_console)
-    summary = run_explain(cfg, progress=progress)
+    options = RunOptions(force=force, wait=wait, dry_run=dry_run, limit=limit, shard=shard)
+    summary = run_explain(
+        cfg,
+        progress=progress,
+        options=options,
+        on_wait=lambda holder: err_console.print(f"waiting for the run that holds {cfg.output} ({holder})"),
+    )
+    if dry_run:
+        _print_plan(summary)
+        raise typer.Exit(0)
     if not quiet:
         _print_summary(summary)
     if summary.failed:
         err_console.print(f"[yellow]{summary.failed} image(s) failed; see {summary.out / 'errors.csv'}[/]")
     raise typer.Exit(summary.exit_code)
+
+
+def _print_plan(s) -> None:
+    console = Console()
+    console.print(
+        f"dry run: {s.total} image(s) found, {s.skipped} up to date, {len(s.planned)} to do"
+        + (f", {s.ignored} non-image file(s) ignored" if s.ignored else "")
+    )
+    for it in s.planned:
+        console.print(f"  {it.path}", highlight=False, markup=False)
 
 
 def _print_summary(s) -> None:
@@ -113,6 +145,8 @@ def _print_summary(s) -> None:
     t.add_column(style="bold")
     t.add_column()
     t.add_row("images", str(s.total))
+    if s.skipped:
+        t.add_row("up to date", f"{s.skipped} (from an earlier run; --force redoes them)")
     t.add_row("done", str(s.done))
     t.add_row("failed", str(s.failed) + (" (see errors.csv)" if s.failed else ""))
     if s.ignored:
@@ -163,7 +197,14 @@ def models():
     )
 
 
+def _sigterm(_signum, _frame):
+    raise KeyboardInterrupt  # cron/systemd stop: finish the batch files in flight, exit 130
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         rc = app(args=argv, standalone_mode=False)
     except XaiError as e:

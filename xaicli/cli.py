@@ -5,16 +5,18 @@ No logic lives here beyond that.
 
 from __future__ import annotations
 
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, XaiError
+from .errors import EXIT_INTERRUPTED, XaiError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all done; 1 done, some images failed (see OUT/errors.csv); "
@@ -113,12 +115,13 @@ def explain(
     cfg = build_config(config, overrides)
     progress = None if quiet else RichProgress(err_console)
     options = RunOptions(force=force, wait=wait, dry_run=dry_run, limit=limit, shard=shard)
-    summary = run_explain(
-        cfg,
-        progress=progress,
-        options=options,
-        on_wait=lambda holder: err_console.print(f"waiting for the run that holds {cfg.output} ({holder})"),
-    )
+    with interruptible():
+        summary = run_explain(
+            cfg,
+            progress=progress,
+            options=options,
+            on_wait=lambda holder: err_console.print(f"waiting for the run that holds {cfg.output} ({holder})"),
+        )
     if dry_run:
         _print_plan(summary)
         raise typer.Exit(0)
@@ -201,28 +204,24 @@ def _sigterm(_signum, _frame):
     raise KeyboardInterrupt  # cron/systemd stop: finish the batch files in flight, exit 130
 
 
-def main(argv: list[str] | None = None) -> None:
-    import signal
+@contextmanager
+def interruptible():
+    """Ctrl-C / SIGTERM inside a command: say so and exit 130 (batches already written stay)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: finished batches are kept; run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: typer handles usage errors (exit 2); XaiError -> one line + its exit code."""
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        rc = app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)
     except XaiError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
-    except click.exceptions.UsageError as e:
-        e.show()
-        sys.exit(EXIT_USAGE)
-    except click.exceptions.Abort:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(EXIT_INTERRUPTED)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -116,29 +116,41 @@ def build_methods(cfg: RunConfig, lm: LoadedModel) -> list[tuple[str, Method]]:
 
 
 class Writer:
-    """Encodes files on a thread pool; appends a batch's CSV rows once all its files exist."""
+    """Encodes files on a thread pool; appends a batch's CSV rows once all its files exist.
 
-    def __init__(self, out: Path, threads: int = 4, max_pending: int = 4):
+    A file that cannot be written (a path through a symlink out of OUT, a name too long...) fails
+    that image and method only: its row is replaced by an errors.csv row.
+    """
+
+    def __init__(self, out: Path, on_error, threads: int = 4, max_pending: int = 4):
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xai-writer")
-        self.pending: deque[tuple[list[Future], list[dict]]] = deque()
+        self.pending: deque[tuple[list[tuple[Future, str, str]], list[dict]]] = deque()
         self.max_pending = max_pending
         self.explanations = CsvAppender(out / "explanations.csv", EXPLANATION_FIELDS)
+        self.on_error = on_error  # (row, reason) -> None
 
-    def submit(self, futures: list[Future], rows: list[dict]) -> None:
+    def submit(self, futures: list[tuple[Future, str, str]], rows: list[dict]) -> None:
         self.pending.append((futures, rows))
         self._drain(block=len(self.pending) > self.max_pending)
 
     def _drain(self, block: bool) -> None:
-        while self.pending and (block or all(f.done() for f in self.pending[0][0])):
+        while self.pending and (block or all(f.done() for f, _, _ in self.pending[0][0])):
             futures, rows = self.pending.popleft()
-            for f in futures:
-                f.result()  # re-raise a write error (disk full...) in the main thread
-            self.explanations.append(rows)
+            failed = {}
+            for f, image, method in futures:
+                exc = f.exception()
+                if exc is not None:
+                    if not isinstance(exc, OSError):
+                        raise exc
+                    failed[(image, method)] = f"could not write output: {type(exc).__name__}: {exc}"
+            for r in rows:
+                if (r["image"], r["method"]) in failed:
+                    self.on_error(r, failed[(r["image"], r["method"])])
+            self.explanations.append([r for r in rows if (r["image"], r["method"]) not in failed])
             block = block and len(self.pending) > self.max_pending
 
     def close(self) -> None:
         try:
-            self._drain(block=True)
             while self.pending:
                 self._drain(block=True)
         finally:
@@ -196,7 +208,7 @@ def _run_method(meth: Method, model, x, target, backoff: Backoff, log) -> tuple[
                 parts.append((None, 1))
                 start = end
                 continue
-            size = max(1, size // 2)
+            size = (size + 1) // 2
             backoff.chunk = size
             backoff.events += 1
             log.event("oom_backoff", method=meth.name, batch=size)
@@ -285,7 +297,14 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     errors = CsvAppender(out / "errors.csv", ERROR_FIELDS)
     dataset = ImageDataset(work, lm.preprocess, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-    writer = Writer(out)
+
+    def write_failed(row: dict, reason: str) -> None:
+        errors.append([{"image": row["image"], "path": row["path"], "reason": f"{row['method']}: {reason}"}])
+        summary.failed += 1
+        summary.errors.append((row["path"], reason))
+        log.event("image_error", image=row["image"], method=row["method"], reason=reason)
+
+    writer = Writer(out, write_failed)
     backoff = Backoff()
     ctx = _BatchContext(cfg, lm, methods, labels, device, writer, out, summary, plan.keys, backoff, log, disc)
     if progress:
@@ -417,11 +436,10 @@ def _explain_batch(ctx: _BatchContext, x_cpu, batch_items: list[ImageItem], orig
             if ok:
                 h, w = origs_np[j].shape[:2]
                 box = lm.preprocess.crop_box(w, h)
-                futures.append(
-                    ctx.writer.pool.submit(
-                        _write_one, ctx.out, key, it.rel, maps[j].numpy(), origs_np[j], box, cfg.colormap, cfg.alpha
-                    )
+                fut = ctx.writer.pool.submit(
+                    _write_one, ctx.out, key, it.rel, maps[j].numpy(), origs_np[j], box, cfg.colormap, cfg.alpha
                 )
+                futures.append((fut, it.rel, key))
             else:
                 ctx.log.event("map_flagged", image=it.rel, method=key, status=row["status"])
     ctx.summary.done += n

@@ -51,3 +51,25 @@ class RichProgress:
         if self._p is not None:
             self._p.stop()
             self._p = None
+
+
+class TqdmProgress:
+    """The same interface on tqdm, for the Python API (notebooks, scripts) outside the CLI."""
+
+    def __init__(self, description: str = "explaining"):
+        self.description = description
+        self._bar = None
+
+    def start(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=self.description, unit="img")
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

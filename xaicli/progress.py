@@ -18,6 +18,8 @@ from rich.text import Text
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
+        if not speed and task.elapsed and task.completed:
+            speed = task.completed / task.elapsed
         return Text(f"{speed:.1f} img/s" if speed else "-- img/s", style="cyan")
 
 

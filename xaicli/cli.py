@@ -6,6 +6,7 @@ No logic lives here beyond that.
 from __future__ import annotations
 
 import sys
+from dataclasses import MISSING
 from pathlib import Path
 
 import click
@@ -135,7 +136,7 @@ def methods():
     t.add_column("parameters")
     for name, cls in sorted(METHODS.items()):
         params = ", ".join(
-            f"{f.name}={f.default!r}" if f.default is not f.default_factory else f.name for f in cls.params()
+            f"{f.name}={f.default_factory() if f.default_factory is not MISSING else f.default!r}" for f in cls.params()
         )
         t.add_row(name, cls.description, params)
     Console().print(t)

@@ -191,19 +191,23 @@ def test_guided_gradcam_is_gbp_times_gradcam(tiny_cnn):
 
 
 # --- Score-CAM ---------------------------------------------------------------------------------
-def scorecam_reference(net, x, t, layer_fn):
-    """Loop over channels (the official code's variant: softmax prob, no baseline, no softmax)."""
+def scorecam_reference(net, x, t, layer_fn, paper=False):
+    """Loop over channels. Official code's variant: softmax prob, no baseline, no channel softmax;
+    `paper=True`: minus the zero image's prob, then softmax over the (non-constant) channels."""
     with torch.no_grad():
         acts = layer_fn(x)
         cams = []
         for b in range(x.shape[0]):
-            w = torch.zeros(acts.shape[1])
+            w = torch.full((acts.shape[1],), float("-inf")) if paper else torch.zeros(acts.shape[1])
+            base = net(torch.zeros_like(x[b : b + 1])).softmax(1)[0, t[b]] if paper else 0.0
             for k in range(acts.shape[1]):
                 up = torch.nn.functional.interpolate(acts[b : b + 1, k : k + 1], size=x.shape[-2:], mode="bilinear")
                 if up.max() == up.min():
                     continue
                 m = (up - up.min()) / (up.max() - up.min())
-                w[k] = net(x[b : b + 1] * m).softmax(1)[0, t[b]]
+                w[k] = net(x[b : b + 1] * m).softmax(1)[0, t[b]] - base
+            if paper:
+                w = torch.softmax(w, 0)
             cams.append(torch.relu(torch.einsum("k,khw->hw", w, acts[b])))
         cam = torch.stack(cams)
     return torch.nn.functional.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear")[:, 0]
@@ -217,6 +221,9 @@ def test_scorecam_matches_channel_loop(tiny_cnn, internal_batch):
     got = explain(tiny_cnn, x, "scorecam", target=t, layer="features", internal_batch=internal_batch)
     ref = scorecam_reference(tiny_cnn, x, t, tiny_cnn.features)
     assert torch.allclose(got, ref, atol=1e-5)
+    kw = {"baseline": True, "channel_softmax": True}
+    paper = explain(tiny_cnn, x, "scorecam", target=t, layer="features", internal_batch=internal_batch, **kw)
+    assert torch.allclose(paper, scorecam_reference(tiny_cnn, x, t, tiny_cnn.features, paper=True), atol=1e-5)
 
 
 def test_scorecam_constant_channels_give_no_nan():

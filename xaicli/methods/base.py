@@ -117,9 +117,9 @@ class Method:
     def bind_preprocess(self, preprocess) -> None:
         """Learn the model's preprocessing (a `models.preprocess.Preprocess`: mean, std, resize).
 
-        Called by the runner and by `explain` when the model came from `load_model`; methods
-        that need pixel space (IG's black baseline, class visualisation) fill their unset
-        `mean`/`std` from it. The default ignores it.
+        Called by the runner and by `explain` when the model came from `load_model`, before
+        `prepare`; methods that need pixel space (IG's black/uniform/image baselines) fill
+        their unset `mean`/`std` from it, wrappers (SmoothGrad) pass it on. The default ignores it.
         """
 
     def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:

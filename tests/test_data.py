@@ -64,3 +64,14 @@ def test_pixel_limit(tmp_path):
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     with pytest.raises(ValueError, match="pixel limit"):
         load_image(tmp_path / "big.png", max_pixels=5000)
+
+
+def test_output_keys_are_unique_and_never_reserved(tmp_path):
+    for n in ("a.jpg", "a.JPG", "a_jpg.png", ".xai-tmp-x.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / n, format="PNG")
+    keys = [i.rel for i in discover(tmp_path).items]
+    assert len(keys) == len(set(keys)) == 4
+    assert not any(k.startswith(".xai-") for k in keys)
+    lst = tmp_path / "l.txt"
+    lst.write_text("a.jpg\na.jpg\n./a.jpg\n")
+    assert len(discover(lst).items) == 1

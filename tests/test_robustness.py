@@ -24,8 +24,9 @@ from conftest import ROOT, SAMPLES, run_xai
 from xaicli.cli import main
 from xaicli.config import build_config
 from xaicli.errors import ConfigError, LockedError
+from xaicli.outputs import TMP_PREFIX
 from xaicli.runner import RunOptions, run_explain
-from xaicli.state import OutputLock
+from xaicli.state import OutputLock, config_hash, make_plan
 
 TIMING = {"seconds"}
 
@@ -95,7 +96,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     run_explain(explain_cfg(imgs, ref))
 
-    args = ["explain", str(imgs), "-m", "gradcam,saliency", "-b", "2", "--workers", "0", "--quiet", "--out", str(out)]
+    # decode workers are forked: the lock must still die with the main process (not live on in them)
+    args = ["explain", str(imgs), "-m", "gradcam,saliency", "-b", "2", "--workers", "2", "--quiet", "--out", str(out)]
     p = subprocess.Popen([sys.executable, "-m", "xaicli", *args], env=_env(), cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and len(rows(out / "explanations.csv")) < 6:
@@ -105,11 +107,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     p.wait()
     n_before = len(rows(out / "explanations.csv"))
     assert 0 < n_before < 60, "the kill must land mid-run"
+    with OutputLock(out):  # free at once: no orphaned worker keeps it
+        pass
 
     s = run_explain(explain_cfg(imgs, out))
     assert s.skipped == n_before // 2 and s.done == 30 - n_before // 2
     assert_same_outputs(ref, out)
-    assert not list(out.rglob(".tmp-*"))
+    assert not list(out.rglob(TMP_PREFIX + "*"))
 
     # nothing left to do; a changed image is redone without duplicating its rows
     assert run_explain(explain_cfg(imgs, out)).done == 0
@@ -310,8 +314,14 @@ def test_oom_on_a_single_image_flags_it(tmp_path, monkeypatch):
     monkeypatch.setattr(GradCAM, "run", always_oom)
     cfg = build_config(None, {"input": str(SAMPLES / "chelsea.png"), "output": str(tmp_path / "o"), "workers": 0})
     run_explain(cfg)
+    s = run_explain(cfg)
     (row,) = rows(tmp_path / "o" / "explanations.csv")
     assert row["status"] == "oom" and not (tmp_path / "o" / "gradcam" / "chelsea.png").exists()
+    assert row["top1_label"] == "tiger cat"  # the prediction still comes from a plain forward
+    assert s.flagged == 1 and s.exit_code == 1
+    monkeypatch.undo()  # the next run (more memory) retries the flagged image
+    s = run_explain(cfg)
+    assert s.done == 1 and rows(tmp_path / "o" / "explanations.csv")[0]["status"] == "ok"
 
 
 def test_nonfinite_maps_are_flagged_not_written(tmp_path, monkeypatch):
@@ -368,7 +378,7 @@ def test_outputs_never_escape_the_output_folder(tmp_path):
     shutil.copy(SAMPLES / "chelsea.png", tmp_path / "outside.png")
     (d / "list.txt").write_text(f"{tmp_path / 'outside.png'}\n../outside.png\n")
     out = tmp_path / "o"
-    assert run_explain(explain_cfg(d / "list.txt", out, methods="saliency")).done == 2
+    assert run_explain(explain_cfg(d / "list.txt", out, methods="saliency")).done == 1  # one file, named twice
     written = [p for p in tmp_path.rglob("*.npy")]
     assert written and all(p.resolve().is_relative_to(out.resolve()) for p in written)
 
@@ -422,3 +432,38 @@ def test_sigterm_exits_130_and_keeps_finished_batches(tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     done = rows(out / "explanations.csv")
     assert done and all((out / "gradcam" / f"{r['image']}.png").exists() for r in done)
+
+
+def test_limit_keeps_earlier_failures_it_does_not_retry(tmp_path):
+    d = tmp_path / "imgs"
+    shutil.copytree(SAMPLES, d)
+    (d / "a_bad.jpg").write_text("not an image")
+    (d / "b_bad.jpg").write_text("not an image")
+    out = tmp_path / "o"
+    s = run_explain(explain_cfg(d, out, methods="saliency"))
+    assert s.failed == 2 and s.exit_code == 1
+    s = run_explain(explain_cfg(d, out, methods="saliency"), options=RunOptions(limit=1))
+    assert s.failed == 1  # only a_bad was retried ...
+    assert sorted(r["image"] for r in rows(out / "errors.csv")) == ["a_bad", "b_bad"]  # ... b_bad's row stays
+
+
+def test_config_hash_follows_local_files(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,class\nchelsea.png,281\n")
+    cfg = explain_cfg(SAMPLES, tmp_path / "o", target=str(labels))
+    h1 = config_hash(cfg)
+    os.utime(labels, ns=(10**18, 10**18))
+    assert config_hash(cfg) != h1  # an edited labels file (or checkpoint) makes every image stale
+
+
+def test_interrupted_force_replacement_does_not_block_the_next_run(tmp_path):
+    out = tmp_path / "o"
+    one = SAMPLES / "chelsea.png"
+    run_explain(explain_cfg(one, out, methods="gradcam"))
+    # as if --force to another config died after removing the outputs, before its run.yaml
+    shutil.rmtree(out / "gradcam")
+    (out / "explanations.csv").unlink()
+    cfg = explain_cfg(one, out, methods="saliency")
+    plan = make_plan(out, [], cfg, config_hash(cfg), force=False)  # no refusal
+    assert not plan.replace_config
+    assert run_explain(cfg).done == 1

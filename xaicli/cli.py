@@ -5,6 +5,7 @@ No logic lives here beyond that.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -17,11 +18,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, XaiError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, XaiError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all done; 1 done, some images failed (see OUT/errors.csv); "
-    "2 usage or config error; 3 output folder locked by another run; 130 interrupted."
+    "2 usage or config error; 3 output folder locked by another run; 4 internal or I/O error; 130 interrupted."
 )
 
 app = typer.Typer(
@@ -130,6 +131,11 @@ def explain(
         _print_summary(summary)
     if summary.failed:
         err_console.print(f"[yellow]{summary.failed} image(s) failed; see {summary.out / 'errors.csv'}[/]")
+    if summary.flagged:
+        err_console.print(
+            f"[yellow]{summary.flagged} map(s) flagged nonfinite/oom (not drawn); see the status column of "
+            f"{summary.out / 'explanations.csv'}[/]"
+        )
     raise typer.Exit(summary.exit_code)
 
 
@@ -153,6 +159,8 @@ def _print_summary(s) -> None:
         t.add_row("up to date", f"{s.skipped} (from an earlier run; --force redoes them)")
     t.add_row("done", str(s.done))
     t.add_row("failed", str(s.failed) + (" (see errors.csv)" if s.failed else ""))
+    if s.flagged:
+        t.add_row("flagged maps", f"{s.flagged} (nonfinite/oom, see explanations.csv status)")
     if s.ignored:
         t.add_row("ignored", f"{s.ignored} non-image file(s)")
     t.add_row("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} images/s)")
@@ -265,6 +273,18 @@ def main(argv: list[str] | None = None) -> None:
     except XaiError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
+    except OSError as e:  # disk full, permission denied on OUT, ...: the environment, not a bug
+        err_console.print(f"[bold red]error:[/] {escape(f'{type(e).__name__}: {e}')}", highlight=False)
+        sys.exit(EXIT_INTERNAL)
+    except Exception as e:
+        if os.environ.get("XAI_DEBUG"):
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {e}')} "
+            "(finished batches are kept; set XAI_DEBUG=1 for the traceback and please report it)",
+            highlight=False,
+        )
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

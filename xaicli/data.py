@@ -63,16 +63,28 @@ def safe_rel(path: Path, root: Path) -> str:
 
 
 def _keys(paths: list[Path], root: Path) -> list[ImageItem]:
-    rels = [safe_rel(p, root) for p in paths]
+    """Output keys: relative path without extension, unique, never starting with a reserved '.xai-'."""
+    seen_paths, uniq = set(), []
+    for p in paths:  # a list file naming one file twice: once
+        a = os.path.abspath(p)
+        if a not in seen_paths:
+            seen_paths.add(a)
+            uniq.append(p)
+    rels = [safe_rel(p, root) for p in uniq]
     stems = [str(PurePosixPath(r).with_suffix("")) for r in rels]
     counts: dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
-    out = []
-    for p, r, s in zip(paths, rels, stems, strict=True):
+    out, used = [], set()
+    for p, r, s in zip(uniq, rels, stems, strict=True):
         # a.jpg and a.png in one folder would collide: keep the extension as _jpg / _png
         key = s if counts[s] == 1 else s + "_" + PurePosixPath(r).suffix.lstrip(".").lower()
-        out.append(ImageItem(p, printable(key)))
+        key = "/".join("_" + c if c.startswith(".xai-") else c for c in printable(key).split("/"))
+        base, n = key, 2
+        while key in used:  # a.jpg + a.JPG, or a_jpg.png next to them: number the later ones
+            key, n = f"{base}~{n}", n + 1
+        used.add(key)
+        out.append(ImageItem(p, key))
     return out
 
 
@@ -207,9 +219,18 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
+def _worker_init(_worker_id: int) -> None:
+    # forked workers inherit the output lock's file descriptor; drop it so the lock dies with
+    # the main process (kill -9) instead of living on in orphaned workers
+    from .state import close_inherited_locks
+
+    close_inherited_locks()
+
+
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
+        worker_init_fn=_worker_init if workers > 0 else None,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

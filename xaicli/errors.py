@@ -5,6 +5,7 @@ Exit codes (documented in the README and `xai --help`):
     1  done, but some images failed (see OUT/errors.csv)
     2  usage or config error
     3  output folder locked by another run
+    4  internal or I/O error (disk full, unwritable output, a bug): one line, XAI_DEBUG=1 for a traceback
     130 interrupted
 """
 
@@ -14,6 +15,7 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 3
+EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130
 
 

@@ -56,15 +56,24 @@ def map_paths(out: Path, method: str, rel: str) -> tuple[Path, Path]:
 
 
 def ensure_inside(out: Path, path: Path) -> None:
-    """Refuse to write through a symlink (or anything else) that leads out of the output folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.parent.resolve().is_relative_to(out.resolve()):
+    """Refuse to write through a symlink (or anything else) that leads out of the output folder.
+
+    Checked on the nearest existing ancestor before any folder is created.
+    """
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.resolve().is_relative_to(out.resolve()):
         raise PermissionError(f"refusing to write {path}: it resolves outside the output folder {out}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+TMP_PREFIX = ".xai-tmp-"  # output keys never start with it (data.safe_rel), so cleanup is safe
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -150,7 +159,7 @@ class CsvAppender:
 def read_csv(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
         return list(csv.DictReader(f))
 
 

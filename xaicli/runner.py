@@ -8,6 +8,7 @@ are appended when every file of their batch is on disk.
 from __future__ import annotations
 
 import csv
+import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,11 +49,12 @@ class RunSummary:
     method_seconds: dict[str, float] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
     skipped: int = 0  # up to date from an earlier run (resume)
+    flagged: int = 0  # (image, method) maps flagged nonfinite/oom in explanations.csv
     planned: list = field(default_factory=list)  # --dry-run: what would be done
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else EXIT_OK
+        return EXIT_SOME_FAILED if self.failed or self.flagged else EXIT_OK
 
     @property
     def images_per_second(self) -> float:
@@ -76,14 +78,14 @@ def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str,
     its file name; `class` is a class index or a class name.
     """
     p = Path(path)
-    with open(p, encoding="utf-8", newline="") as f:
+    with open(p, encoding="utf-8", errors="replace", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"image", "class"} <= set(rows[0]):
         raise ConfigError(f"target: labels file {p} needs a header with the columns image,class")
     by_name = {n: i for i, n in enumerate(lm.class_names)}
     table: dict[str, int] = {}
     for r in rows:
-        c = (r["class"] or "").strip()
+        c = (r.get("class") or "").strip()
         if c.isdigit():
             idx = int(c)
         elif c in by_name:
@@ -92,7 +94,7 @@ def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str,
             raise ConfigError(f"target: labels file {p}: '{c}' is neither a class index nor a class name")
         if not 0 <= idx < len(lm.class_names):
             raise ConfigError(f"target: labels file {p}: class {idx} is out of range (0..{len(lm.class_names) - 1})")
-        table[r["image"].strip()] = idx
+        table[(r["image"] or "").strip()] = idx
     out = {}
     for it in disc.items:
         rel_full = it.path.relative_to(disc.root).as_posix() if it.path.is_relative_to(disc.root) else it.path.name
@@ -188,16 +190,18 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def _run_method(meth: Method, model, x, target, backoff: Backoff, log) -> tuple[Explanation, torch.Tensor]:
-    """Run on x in sub-batches of backoff.chunk; on OOM halve and retry. Returns (expl, failed mask)."""
+def _chunked(fn, x, target, backoff: Backoff, log, what: str) -> list[tuple[object | None, int]]:
+    """fn(x_part, target_part) over sub-batches of backoff.chunk; on out-of-memory halve and retry.
+
+    Returns [(result, n)] in order; result is None for an image that does not fit even alone.
+    """
     n = x.shape[0]
     size = min(backoff.chunk or n, n)
     parts, start = [], 0
     while start < n:
         end = min(start + size, n)
-        t = target[start:end] if target is not None else None
         try:
-            parts.append((meth.run(model, x[start:end], t), None))
+            parts.append((fn(x[start:end], target[start:end] if target is not None else None), end - start))
             start = end
         except Exception as e:
             if not _is_oom(e):
@@ -205,30 +209,48 @@ def _run_method(meth: Method, model, x, target, backoff: Backoff, log) -> tuple[
             if x.device.type == "cuda":
                 torch.cuda.empty_cache()
             if size == 1:  # even one image does not fit: that image fails, the run goes on
-                log.event("oom_image", method=meth.name)
+                log.event("oom_image", method=what)
                 parts.append((None, 1))
                 start = end
                 continue
             size = (size + 1) // 2
             backoff.chunk = size
             backoff.events += 1
-            log.event("oom_backoff", method=meth.name, batch=size)
-    maps, logits, extras, failed = [], [], {}, []
+            log.event("oom_backoff", method=what, batch=size)
+    return parts
+
+
+def _run_method(meth: Method, model, x, target, backoff: Backoff, log) -> tuple[Explanation, torch.Tensor]:
+    """Run a method with OOM back-off. Returns (explanation, failed mask [B]); failed rows hold NaN."""
+    parts = _chunked(lambda xs, ts: meth.run(model, xs, ts), x, target, backoff, log, meth.name)
     h, w = x.shape[-2:]
-    for expl, bad in parts:
-        if expl is None:
-            maps.append(torch.full((bad, h, w), float("nan"), device=x.device))
-            logits.append(None)
-            failed.append(torch.ones(bad, dtype=torch.bool))
-            continue
-        maps.append(expl.maps)
-        logits.append(expl.logits)
-        failed.append(torch.zeros(expl.maps.shape[0], dtype=torch.bool))
-        for k, v in expl.extras.items():
-            extras.setdefault(k, []).append(v)
-    all_logits = torch.cat(logits) if all(lg is not None for lg in logits) else None
-    ex = {k: torch.cat(v) for k, v in extras.items() if len(v) == len(parts)}
-    return Explanation(torch.cat(maps), all_logits, ex), torch.cat(failed)
+    n_cls = next((e.logits.shape[1] for e, _ in parts if e is not None and e.logits is not None), None)
+    keys = {k for e, _ in parts if e is not None for k in e.extras}
+    maps, logits, extras, failed = [], [], {k: [] for k in keys}, []
+    for expl, n in parts:
+        ok = expl is not None
+        nan = torch.full((n,), float("nan"), device=x.device)
+        maps.append(expl.maps.float() if ok else torch.full((n, h, w), float("nan"), device=x.device))
+        if n_cls is not None:
+            lg = expl.logits if ok and expl.logits is not None else None
+            logits.append(lg.float() if lg is not None else torch.full((n, n_cls), float("nan"), device=x.device))
+        for k in keys:
+            extras[k].append(expl.extras[k].float() if ok and k in expl.extras else nan)
+        failed.append(torch.full((n,), not ok, dtype=torch.bool))
+    all_logits = torch.cat(logits) if n_cls is not None else None
+    return Explanation(torch.cat(maps), all_logits, {k: torch.cat(v) for k, v in extras.items()}), torch.cat(failed)
+
+
+def _logits(model, x, backoff: Backoff, log) -> torch.Tensor:
+    """Plain forward with the same back-off, for methods that return no logits."""
+
+    def fwd(xs, _ts):
+        with torch.no_grad():
+            return model(xs).float()
+
+    parts = _chunked(fwd, x, None, backoff, log, "forward")
+    n_cls = next((p.shape[1] for p, _ in parts if p is not None), 1)
+    return torch.cat([p if p is not None else torch.full((n, n_cls), float("nan"), device=x.device) for p, n in parts])
 
 
 def run_explain(cfg: RunConfig, *, progress=None, options: RunOptions | None = None, on_wait=None) -> RunSummary:
@@ -244,15 +266,17 @@ def run_explain(cfg: RunConfig, *, progress=None, options: RunOptions | None = N
     chash = config_hash(cfg)
     if opts.dry_run:
         plan = make_plan(out, items, cfg, chash, opts.force)
-        todo = plan.todo[: opts.limit] if opts.limit is not None else plan.todo
         return RunSummary(
             out=out,
             total=len(items),
             ignored=disc.ignored,
             skipped=plan.up_to_date,
-            planned=[items[i] for i in todo],
+            planned=[items[i] for i in plan.limited(opts.limit)],
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output: cannot create the folder {out}: {e.strerror or e}") from None
     with OutputLock(out, wait=opts.wait, on_wait=on_wait):
         return _run_locked(cfg, opts, disc, items, out, chash, progress, t_start)
 
@@ -260,7 +284,7 @@ def run_explain(cfg: RunConfig, *, progress=None, options: RunOptions | None = N
 def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSummary:
     log = JsonLog(out / "xai-log.jsonl")
     plan = make_plan(out, items, cfg, chash, opts.force)
-    todo = plan.todo[: opts.limit] if opts.limit is not None else plan.todo
+    todo = plan.limited(opts.limit)
     device = resolve_device(cfg.device)
     lm = load_model(
         cfg.model.name,
@@ -276,7 +300,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     elif isinstance(cfg.target, int) and cfg.target >= len(lm.class_names):
         raise ConfigError(f"target: class {cfg.target} is out of range (the model has {len(lm.class_names)} classes)")
 
-    apply_plan(out, items, plan, opts.force)
+    trash = apply_plan(out, items, plan, todo, [m.key for m in cfg.methods])
     write_run_yaml(
         out,
         dump_config(cfg),
@@ -292,6 +316,8 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
             },
         },
     )
+    if trash is not None:  # the new run.yaml is on disk: the old config's outputs can go
+        shutil.rmtree(trash, ignore_errors=True)
     work = [items[i] for i in todo]
     summary = RunSummary(out=out, total=len(items), ignored=disc.ignored, skipped=plan.up_to_date)
     log.event("run_start", config_hash=chash, images=len(items), todo=len(work), up_to_date=plan.up_to_date)
@@ -310,7 +336,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     ctx = _BatchContext(cfg, lm, methods, labels, device, writer, out, summary, plan.keys, backoff, log, disc)
     if progress:
         progress.start(len(work))
-    status = "interrupted"
+    status = "error"
     try:
         with eval_mode(lm.model):
             for batch in loader:
@@ -334,6 +360,9 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
                 if progress:
                     progress.advance(len(batch.indices) + len(batch.failures))
         status = "done"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
         writer.close()
         if progress:
@@ -399,8 +428,7 @@ def _explain_batch(ctx: _BatchContext, x_cpu, batch_items: list[ImageItem], orig
             logits = expl.logits
         results.append((key, maps, dt, expl.extras, oom))
     if logits is None:
-        with torch.no_grad():
-            logits = model(x)
+        logits = _logits(model, x, ctx.backoff, ctx.log)
     probs = torch.softmax(logits.float(), dim=1).cpu()
     tgt = target.cpu() if target is not None else probs.argmax(dim=1)
     top_p, top_c = probs.max(dim=1)
@@ -442,6 +470,7 @@ def _explain_batch(ctx: _BatchContext, x_cpu, batch_items: list[ImageItem], orig
                 )
                 futures.append((fut, it.rel, key))
             else:
+                ctx.summary.flagged += 1
                 ctx.log.event("map_flagged", image=it.rel, method=key, status=row["status"])
     ctx.summary.done += n
     ctx.writer.submit(futures, rows)

@@ -31,6 +31,7 @@ from .errors import ConfigError, LockedError
 from .outputs import (
     ERROR_FIELDS,
     EXPLANATION_FIELDS,
+    TMP_PREFIX,
     atomic_write_bytes,
     map_paths,
     read_csv,
@@ -42,9 +43,15 @@ LOCK_NAME = ".xai.lock"
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Hash of everything that changes the outputs (not device, batch size, workers or output)."""
+    """Hash of everything that changes the outputs (not device, batch size, workers or output).
+
+    Local files the config names (a checkpoint, a labels file, class names) count by size and
+    mtime, so a retrained checkpoint at the same path makes every image stale.
+    """
     d = dump_config(cfg)
     doc = {k: d.get(k) for k in HASH_KEYS}
+    files = [cfg.model.weights, cfg.model.class_names, cfg.target if isinstance(cfg.target, str) else None]
+    doc["files"] = {f: file_key(Path(f)) for f in files if f and Path(f).is_file()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -68,6 +75,19 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 # ----------------------------------------------------------------------------------------------
 # lock
 # ----------------------------------------------------------------------------------------------
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def close_inherited_locks() -> None:
+    """In a forked child (DataLoader worker): close the inherited lock descriptors."""
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
 class OutputLock:
     def __init__(self, out: Path, wait: bool = False, on_wait=None):
         self.path = out / LOCK_NAME
@@ -97,10 +117,12 @@ class OutputLock:
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         self._f = f
+        _HELD_LOCK_FDS.add(f.fileno())
         return self
 
     def __exit__(self, *exc) -> None:
         if self._f is not None:
+            _HELD_LOCK_FDS.discard(self._f.fileno())
             self._f.seek(0)
             self._f.truncate()
             fcntl.flock(self._f, fcntl.LOCK_UN)
@@ -129,36 +151,52 @@ def _valid(row: dict, fields: list[str]) -> bool:
 class Plan:
     todo: list[int]  # indices into the discovered items
     up_to_date: int = 0
-    retry_failed: int = 0  # images that failed last time and are tried again
-    replace_config: bool = False  # --force over a different config
+    replace_config: bool = False  # the folder holds another config's outputs and they go
     keys: dict[str, tuple[int, int] | None] = field(default_factory=dict)  # rel -> (size, mtime_ns)
+    previous: dict = field(default_factory=dict)  # the previous run.yaml
+
+    def limited(self, limit: int | None) -> list[int]:
+        return self.todo[:limit] if limit is not None else self.todo
+
+
+def _has_outputs(out: Path, prev: dict) -> bool:
+    names = [m.get("id") or m.get("name") for m in (prev.get("config") or {}).get("methods", [])]
+    return bool(read_csv(out / "explanations.csv")) or any((out / str(n)).is_dir() for n in names if n)
 
 
 def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, force: bool) -> Plan:
-    """Decide which images to (re)do. Pure: reads the output folder, writes nothing."""
+    """Decide which images to (re)do. Pure: reads the output folder, writes nothing.
+
+    Redone: images without a row for every method, with a changed size/mtime, with a missing
+    PNG/NPY, or whose last attempt failed (errors.csv, status oom). Rows flagged `nonfinite`
+    stay (the same model gives the same NaN); --force redoes everything.
+    """
     prev = read_run_yaml(out)
     prev_hash = prev.get("config_hash")
     keys = {it.rel: file_key(it.path) for it in items}
-    if prev_hash and prev_hash != chash and not force:
-        raise ConfigError(
-            f"{out} holds results of a different config (hash {prev_hash}, this one {chash}); "
-            "use another --out, or --force to replace them"
-        )
-    if force or (prev_hash and prev_hash != chash):
-        return Plan(list(range(len(items))), replace_config=bool(prev_hash and prev_hash != chash), keys=keys)
+    other = bool(prev_hash and prev_hash != chash)
+    if other and _has_outputs(out, prev):
+        if not force:
+            raise ConfigError(
+                f"{out} holds results of a different config (hash {prev_hash}, this one {chash}); "
+                "use another --out, or --force to replace them"
+            )
+    elif other:
+        other = False  # an earlier --force replacement died before its run.yaml: nothing to keep
+    if force or other:
+        return Plan(list(range(len(items))), replace_config=other, keys=keys, previous=prev)
     methods = [m.key for m in cfg.methods]
     done: dict[tuple[str, str], dict] = {}
     for r in read_csv(out / "explanations.csv"):
         if _valid(r, EXPLANATION_FIELDS):
             done[(r["image"], r["method"])] = r
-    failed = {r["image"] for r in read_csv(out / "errors.csv") if _valid(r, ERROR_FIELDS)}
     todo, up = [], 0
     for i, it in enumerate(items):
         k = keys[it.rel]
         ok = k is not None
         for m in methods if ok else ():
             r = done.get((it.rel, m))
-            if r is None or r["size"] != str(k[0]) or r["mtime_ns"] != str(k[1]):
+            if r is None or r["size"] != str(k[0]) or r["mtime_ns"] != str(k[1]) or r["status"] == "oom":
                 ok = False
                 break
             if r["status"] == "ok" and not all(p.exists() for p in map_paths(out, m, it.rel)):
@@ -168,7 +206,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
             up += 1
         else:
             todo.append(i)
-    return Plan(todo, up, sum(1 for i in todo if items[i].rel in failed), keys=keys)
+    return Plan(todo, up, keys=keys, previous=prev)
 
 
 def _rewrite_csv(path: Path, fields: list[str], keep) -> None:
@@ -182,24 +220,43 @@ def _rewrite_csv(path: Path, fields: list[str], keep) -> None:
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
-def apply_plan(out: Path, items: list[ImageItem], plan: Plan, force: bool) -> None:
-    """Prepare the folder for the plan: drop rows about to be redone, remove torn temp files."""
-    prev = read_run_yaml(out)
-    if plan.replace_config or force:
-        # outputs of the previous config go; only folders that run created, never anything else
-        old = [m.get("id") or m.get("name") for m in (prev.get("config") or {}).get("methods", [])]
-        for name in old:
-            d = (out / str(name)).resolve()
-            if name and d.parent == out.resolve() and d.is_dir():
-                shutil.rmtree(d)
+TRASH_PREFIX = ".xai-trash-"
+
+
+def apply_plan(out: Path, items: list[ImageItem], plan: Plan, todo: list[int], methods: list[str]) -> Path | None:
+    """Prepare the folder for the images about to be (re)done; returns a trash folder to delete later.
+
+    Same config: drop the rows of the images in `todo` (and rows of methods no longer in the
+    config), remove torn temp files. Another config (--force): move its method folders into a
+    trash folder (a rename: instant) and drop its CSVs; the caller writes the new run.yaml and
+    then deletes the trash, so a kill at any point leaves a folder the next run can continue.
+    """
+    for old in out.glob(TRASH_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    trash = None
+    if plan.replace_config:
+        names = [m.get("id") or m.get("name") for m in (plan.previous.get("config") or {}).get("methods", [])]
+        trash = out / f"{TRASH_PREFIX}{os.getpid()}"
+        for name in names:
+            d = out / str(name)
+            if name and d.is_dir() and not d.is_symlink() and d.resolve().parent == out.resolve():
+                trash.mkdir(exist_ok=True)
+                os.replace(d, trash / d.name)
         for f in ("explanations.csv", "errors.csv", "metrics.csv", "metrics_summary.csv"):
             (out / f).unlink(missing_ok=True)
     else:
-        redo = {items[i].rel for i in plan.todo}
-        _rewrite_csv(out / "explanations.csv", EXPLANATION_FIELDS, lambda r: r["image"] not in redo)
+        redo = {items[i].rel for i in todo}
+        keep_methods = set(methods)
+        _rewrite_csv(
+            out / "explanations.csv",
+            EXPLANATION_FIELDS,
+            lambda r: r["image"] not in redo and r["method"] in keep_methods,
+        )
         _rewrite_csv(out / "errors.csv", ERROR_FIELDS, lambda r: r["image"] not in redo)
-    for tmp in out.rglob(".tmp-*"):
-        tmp.unlink(missing_ok=True)
+    for tmp in out.rglob(TMP_PREFIX + "*"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+    return trash
 
 
 class JsonLog:

@@ -39,6 +39,7 @@ EXPLANATION_FIELDS = [
     "map_max",
     "status",
     "delta",  # completeness delta for path methods (Integrated Gradients); empty otherwise
+    "path",  # the source image file (absolute), so `xai evaluate` can re-read it
 ]
 ERROR_FIELDS = ["image", "path", "reason"]
 

@@ -20,6 +20,7 @@ import torch
 from .config import RunConfig, dump_config
 from .data import Discovery, ImageDataset, discover, make_loader
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from .evaluate import start_metrics
 from .methods import build_method
 from .methods.base import Method, eval_mode
 from .models import LoadedModel, load_model
@@ -45,6 +46,7 @@ class RunSummary:
     seconds: float = 0.0
     method_seconds: dict[str, float] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    metrics: object | None = None  # EvalSummary when the run computed metrics (--metrics)
 
     @property
     def exit_code(self) -> int:
@@ -186,6 +188,7 @@ def run_explain(cfg: RunConfig, *, progress=None) -> RunSummary:
     dataset = ImageDataset(disc.items, lm.preprocess, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
     writer = Writer(out)
+    metrics = start_metrics(cfg, lm, methods, out)  # None without --metrics
     if progress:
         progress.start(len(disc.items))
     model = lm.model
@@ -214,7 +217,19 @@ def run_explain(cfg: RunConfig, *, progress=None) -> RunSummary:
                     batch.origs = [batch.origs[j] for j in keep]
                 if batch.x is not None and len(indices):
                     _explain_batch(
-                        cfg, lm, methods, batch.x, indices, batch.origs, disc, labels, device, writer, out, summary
+                        cfg,
+                        lm,
+                        methods,
+                        batch.x,
+                        indices,
+                        batch.origs,
+                        disc,
+                        labels,
+                        device,
+                        writer,
+                        out,
+                        summary,
+                        metrics,
                     )
                 if progress:
                     progress.advance(len(batch.indices) + len(batch.failures))
@@ -222,6 +237,8 @@ def run_explain(cfg: RunConfig, *, progress=None) -> RunSummary:
         writer.close()
         if progress:
             progress.stop()
+    if metrics is not None:
+        summary.metrics = metrics.finish()
     summary.seconds = time.perf_counter() - t_start
     return summary
 
@@ -231,7 +248,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _explain_batch(cfg, lm, methods, x_cpu, indices, origs, disc, labels, device, writer, out, summary):
+def _explain_batch(cfg, lm, methods, x_cpu, indices, origs, disc, labels, device, writer, out, summary, metrics=None):
     model = lm.model
     x = x_cpu.to(device, non_blocking=True)
     if labels is not None:
@@ -241,11 +258,14 @@ def _explain_batch(cfg, lm, methods, x_cpu, indices, origs, disc, labels, device
     else:
         target = None
     results = []
+    on_device = {}  # maps still on the device, for the metrics
     logits = None
     for key, meth in methods:
         _sync(device)
         t0 = time.perf_counter()
         expl = meth.run(model, x, target)
+        if metrics is not None:
+            on_device[key] = expl.maps.detach()
         maps = expl.maps.detach().float().cpu()  # one transfer per batch and method
         dt = time.perf_counter() - t0
         summary.method_seconds[key] = summary.method_seconds.get(key, 0.0) + dt
@@ -260,6 +280,9 @@ def _explain_batch(cfg, lm, methods, x_cpu, indices, origs, disc, labels, device
     top_p, top_c = probs.max(dim=1)
     t_p = probs.gather(1, tgt[:, None])[:, 0]
     origs_np = [o.numpy() for o in origs]
+    if metrics is not None:
+        sizes = [(o.shape[1], o.shape[0]) for o in origs_np]
+        metrics.add_batch(model, x, on_device, tgt.to(device), [disc.items[i] for i in indices], sizes)
     futures, rows = [], []
     for key, maps, dt, extras in results:
         finite = torch.isfinite(maps).flatten(1).all(dim=1)
@@ -279,6 +302,7 @@ def _explain_batch(cfg, lm, methods, x_cpu, indices, origs, disc, labels, device
                 "map_min": f"{float(mins[j]):.6g}",
                 "map_max": f"{float(maxs[j]):.6g}",
                 "status": "ok" if bool(finite[j]) else "nonfinite",
+                "path": str(it.path.absolute()),
             }
             for name, vals in extras.items():
                 row[name] = f"{float(vals[j]):.6g}"

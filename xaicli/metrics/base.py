@@ -68,6 +68,7 @@ class Metric:
         """x coordinates of this metric's curve points (for plots)."""
         return list(range(steps))
 
+    score_label: ClassVar[str] = "score"  # what the per-image value of a curve metric is called
     curve_xlabel: ClassVar[str] = "step"
     curve_ylabel: ClassVar[str] = "softmax probability of the target class"
 

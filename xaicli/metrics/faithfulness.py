@@ -110,6 +110,7 @@ class Deletion(Metric):
 
     direction: ClassVar[str] = "lower"
     insert: ClassVar[bool] = False
+    score_label: ClassVar[str] = "AUC"
     curve_xlabel: ClassVar[str] = "fraction of pixels removed"
 
     def counts(self, units: int, device) -> Tensor:
@@ -162,6 +163,7 @@ class RegionPerturbation(Metric):
     seed: int = 0
 
     curve_xlabel: ClassVar[str] = "regions perturbed"
+    score_label: ClassVar[str] = "AOPC"
 
     @property
     def direction(self) -> str:  # type: ignore[override]

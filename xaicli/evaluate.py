@@ -65,8 +65,13 @@ def build_metrics(specs: list, method_keys: list[str], preprocess=None) -> list[
 class MetricSession:
     """Computes every metric on each batch (on its device) and writes the metric files."""
 
-    def __init__(self, out: Path, metrics: list[Metric], methods: dict, preprocess, annotations=None):
+    def __init__(
+        self, out: Path, metrics: list[Metric], methods: dict, preprocess, annotations=None, replace_all: bool = False
+    ):
+        """replace_all: at the end, drop every earlier row of the metrics computed now (`xai
+        evaluate`); otherwise only the rows of the same (image, method, metric) (a resumed run)."""
         self.out = Path(out)
+        self.replace_all = replace_all
         self.metrics = metrics
         self.methods = methods  # key -> Method (sanity checks recompute maps)
         self.preprocess = preprocess
@@ -141,7 +146,12 @@ class MetricSession:
         partial = self.out / PARTIAL
         new = read_csv(partial)
         keys = {(r["image"], r["method"], r["metric"]) for r in new}
-        old = [r for r in read_csv(self.out / "metrics.csv") if (r["image"], r["method"], r["metric"]) not in keys]
+        names = {r["metric"] for r in new} | {m.name for m in self.metrics}
+        old = [
+            r
+            for r in read_csv(self.out / "metrics.csv")
+            if (r["image"], r["method"], r["metric"]) not in keys and not (self.replace_all and r["metric"] in names)
+        ]
         all_rows = old + new
         _write_csv(self.out / "metrics.csv", METRIC_FIELDS, all_rows)
         partial.unlink(missing_ok=True)
@@ -314,6 +324,7 @@ def run_evaluate(
         pass
     keys = [m.key for m in run_cfg.methods]
     specs = metric_specs(metrics, against, cfg_data, run_cfg)
+    metric_objs = build_metrics(specs, keys)  # every check before any heavy work
     annotations = annotations or cfg_data.get("annotations")
 
     rows = read_csv(out / "explanations.csv")
@@ -364,7 +375,8 @@ def run_evaluate(
         if meth.needs_layer and getattr(meth, "layer", None) is None:
             meth.layer = layer or run_cfg.model.layer
         method_objs[mc.key] = meth
-    metric_objs = build_metrics(specs, keys, lm.preprocess)
+    for m in metric_objs:
+        m.prepare(lm.preprocess)
     if any("method" in m.needs for m in metric_objs):
         for meth in method_objs.values():
             meth.prepare(lm.model, lm.preprocess.input_size)
@@ -373,7 +385,7 @@ def run_evaluate(
         from .metrics.localization import Annotations
 
         ann = Annotations.load(annotations)
-    session = MetricSession(out, metric_objs, method_objs, lm.preprocess, ann)
+    session = MetricSession(out, metric_objs, method_objs, lm.preprocess, ann, replace_all=True)
     dataset = ImageDataset(items, lm.preprocess, run_cfg.max_pixels)
     loader = make_loader(dataset, run_cfg.batch_size, run_cfg.workers, pin_memory=dev.type == "cuda")
     done = 0

@@ -85,6 +85,26 @@ def test_evaluate_matches_explain_metrics(two_images, tmp_path):
         dele = [float(r["x"]) for r in curves if r["metric"] == "deletion" and r["method"] == "gradcam"]
         assert dele == [0, 0.25, 0.5, 0.75, 1.0]
 
+    # localization from original-pixel boxes; coffee has no box, so no rows for it
+    (tmp_path / "boxes.csv").write_text("image,x1,y1,x2,y2\nchelsea.png,100,20,360,300\n")
+    loc = run_xai(
+        "evaluate",
+        tmp_path / "plain",
+        "--metric",
+        "pointing-game,energy-pointing,box-loc",
+        "--annotations",
+        tmp_path / "boxes.csv",
+        "--quiet",
+    )
+    assert loc.returncode == 0, loc.stderr
+    vl = values(tmp_path / "plain" / "metrics.csv")
+    for k in ("pointing-game", "energy-pointing", "box-loc", "box-iou"):
+        assert ("chelsea", "gradcam", k) in vl and ("coffee", "gradcam", k) not in vl, k
+    assert 0 < vl[("chelsea", "gradcam", "energy-pointing")] <= 1
+    assert vl[("chelsea", "gradcam", "pointing-game")] in (0.0, 100.0)
+    noann = run_xai("evaluate", tmp_path / "plain", "--metric", "pointing-game")
+    assert noann.returncode == 2 and "--annotations" in noann.stderr
+
     # evaluating another metric later keeps the earlier rows
     w = run_xai("evaluate", tmp_path / "plain", "--metric", "win", "--against", "gradcam", "--quiet")
     assert w.returncode == 0, w.stderr

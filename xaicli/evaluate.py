@@ -78,7 +78,7 @@ class MetricSession:
         self.annotations = annotations
         self.curves: dict[tuple[str, str], list] = {}  # (curve key, method) -> [sum, count, metric]
         self.sanity_rows: list[dict] = []
-        self.missing_boxes = 0
+        self.directions: dict[str, str] = {m.name: m.direction for m in metrics}
         partial = self.out / PARTIAL
         partial.unlink(missing_ok=True)
         self.rows = CsvAppender(partial, METRIC_FIELDS)
@@ -119,6 +119,7 @@ class MetricSession:
                     res = metric(model, x, m.float(), target, **extras)
                     its = list(items)
                 for name, val in res.items():
+                    self.directions.setdefault(name, metric.direction)
                     val = val.detach().double().cpu()
                     if name.endswith(":curve"):
                         acc = self.curves.setdefault(
@@ -158,7 +159,7 @@ class MetricSession:
         summary = summarize(all_rows)
         _write_csv(self.out / "metrics_summary.csv", SUMMARY_FIELDS, summary)
         res = EvalSummary(self.out, rows=summary)
-        res.directions = {m.name: m.direction for m in self.metrics}
+        res.directions = dict(self.directions)
         res.plots = self._write_curves(summary)
         if self.sanity_rows:
             from .metrics.sanity import write_sanity
@@ -326,6 +327,9 @@ def run_evaluate(
     specs = metric_specs(metrics, against, cfg_data, run_cfg)
     metric_objs = build_metrics(specs, keys)  # every check before any heavy work
     annotations = annotations or cfg_data.get("annotations")
+    needs_boxes = [m.name for m in metric_objs if "boxes" in m.needs]
+    if needs_boxes and not annotations:
+        raise ConfigError(f"metric(s) {', '.join(needs_boxes)} need bounding boxes: give --annotations FILE")
 
     rows = read_csv(out / "explanations.csv")
     if not rows:

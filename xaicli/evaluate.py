@@ -159,7 +159,9 @@ class MetricSession:
         summary = summarize(all_rows)
         _write_csv(self.out / "metrics_summary.csv", SUMMARY_FIELDS, summary)
         res = EvalSummary(self.out, rows=summary)
-        res.directions = dict(self.directions)
+        from .metrics.base import direction_of
+
+        res.directions = {r["metric"]: direction_of(r["metric"]) for r in summary} | self.directions
         res.plots = self._write_curves(summary)
         if self.sanity_rows:
             from .metrics.sanity import write_sanity
@@ -315,18 +317,16 @@ def run_evaluate(
     if not run or "config" not in run:
         raise InputError(f"{out}: no run.yaml here; is this an output folder of `xai explain`?")
     try:
-        run_cfg = RunConfig.model_validate({**run["config"], "metrics": []})
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(out / "run.yaml"))) from None
-    run_metrics = run["config"].get("metrics") or []
-    try:
-        run_cfg.metrics = RunConfig.model_validate({"metrics": run_metrics}).metrics
+        run_cfg = RunConfig.model_validate(run["config"])
     except ValidationError:
-        pass
+        try:  # a metric this version does not know: evaluate the maps anyway
+            run_cfg = RunConfig.model_validate({**run["config"], "metrics": []})
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, str(out / "run.yaml"))) from None
     keys = [m.key for m in run_cfg.methods]
     specs = metric_specs(metrics, against, cfg_data, run_cfg)
     metric_objs = build_metrics(specs, keys)  # every check before any heavy work
-    annotations = annotations or cfg_data.get("annotations")
+    annotations = annotations or cfg_data.get("annotations") or run_cfg.annotations
     needs_boxes = [m.name for m in metric_objs if "boxes" in m.needs]
     if needs_boxes and not annotations:
         raise ConfigError(f"metric(s) {', '.join(needs_boxes)} need bounding boxes: give --annotations FILE")
@@ -383,6 +383,8 @@ def run_evaluate(
         m.prepare(lm.preprocess)
     if any("method" in m.needs for m in metric_objs):
         for meth in method_objs.values():
+            if hasattr(meth, "bind_preprocess"):
+                meth.bind_preprocess(lm.preprocess)
             meth.prepare(lm.model, lm.preprocess.input_size)
     ann = None
     if annotations:

@@ -51,6 +51,8 @@ class Metric:
     needs: ClassVar[frozenset[str]] = frozenset()
     # which way is better for the metric's main value: "lower" or "higher"
     direction: ClassVar[str] = "higher"
+    # other per-image values the metric writes, with their direction (e.g. box-loc also writes box-iou)
+    outputs: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         self._mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -81,6 +83,16 @@ class Metric:
         mean = torch.tensor(self._mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self._std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return mean, std
+
+
+def direction_of(name: str) -> str:
+    """'lower' / 'higher' for a metrics.csv metric name (a metric or one of its extra outputs)."""
+    if name in METRICS:
+        return METRICS[name]().direction
+    for cls in METRICS.values():
+        if name in cls.outputs:
+            return cls.outputs[name]
+    return ""
 
 
 def build_metric(name: str, **params) -> Metric:

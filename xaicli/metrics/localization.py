@@ -279,6 +279,7 @@ class BoxLocalization(Metric):
 
     needs: ClassVar[frozenset[str]] = frozenset({"boxes"})
     direction: ClassVar[str] = "higher"
+    outputs: ClassVar[dict[str, str]] = {"box-iou": "higher"}
 
     def __call__(self, model, x, maps, target, *, boxes: list[Tensor], **extras) -> dict[str, Tensor]:
         m = torch.nan_to_num(maps.float(), nan=0.0).clamp(min=0)

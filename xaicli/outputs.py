@@ -5,6 +5,7 @@
     OUT/errors.csv                    images that could not be processed (path, reason)
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
+    OUT/metrics*.csv, metrics_*.png   metrics (xaicli/evaluate.py, docs/metrics.md)
 
 Files are written to a temporary name in the same folder and renamed (atomic on POSIX); CSV
 rows are appended whole and flushed (fsync) at batch boundaries.

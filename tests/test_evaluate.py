@@ -176,3 +176,24 @@ def test_metrics_listing():
     assert r.returncode == 0
     for name in ("deletion", "insertion", "aopc", "avg-drop", "increase", "win"):
         assert name in r.stdout
+
+
+def test_evaluate_fabricated_folder_skips_missing_images(fake_run):
+    import numpy as np
+
+    (fake_run / "gradcam").mkdir()
+    (fake_run / "saliency").mkdir()
+    np.save(fake_run / "gradcam" / "chelsea.npy", np.ones((224, 224), np.float32))
+    np.save(fake_run / "saliency" / "chelsea.npy", np.zeros((224, 224), np.float32))
+    lines = ["image,method,target_class,status,path"]
+    for m in ("gradcam", "saliency"):
+        lines.append(f"chelsea,{m},282,ok,{SAMPLES / 'chelsea.png'}")
+        lines.append(f"ghost,{m},1,ok,{fake_run / 'ghost.png'}")  # no map, no source: skipped
+    (fake_run / "explanations.csv").write_text("\n".join(lines) + "\n")
+    r = run_xai("evaluate", fake_run, "--metric", "avg-drop")
+    assert r.returncode == 1, r.stderr  # done, one image skipped
+    assert "1 image(s) skipped" in r.stderr and "Traceback" not in r.stderr
+    v = values(fake_run / "metrics.csv")
+    assert set(v) == {("chelsea", "gradcam", "avg-drop"), ("chelsea", "saliency", "avg-drop")}
+    assert v[("chelsea", "gradcam", "avg-drop")] == 0.0  # a map of ones keeps the whole image
+    assert v[("chelsea", "saliency", "avg-drop")] > 50.0  # a map of zeros removes it

@@ -147,7 +147,13 @@ def _print_summary(s) -> None:
     console.print(t)
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+EVALUATE_EXIT_HELP = (
+    "Exit codes: 0 all done; 1 done, some images skipped (a map or the source image is missing or unreadable); "
+    "2 usage or config error; 130 interrupted."
+)
+
+
+@app.command(epilog=EVALUATE_EXIT_HELP)
 def evaluate(
     out: Path | None = typer.Argument(
         None, help="Output folder of `xai explain` (default ./xai-out, or the `output` of --config)."
@@ -192,8 +198,9 @@ def evaluate(
     )
     if not quiet:
         _print_metrics(res)
-        if res.skipped:
-            err_console.print(f"[yellow]{res.skipped} image(s) skipped (a map or the source file is missing)[/]")
+    if res.skipped:
+        err_console.print(f"[yellow]{res.skipped} image(s) skipped (a map or the source image is missing)[/]")
+    raise typer.Exit(1 if res.skipped else 0)
 
 
 def _print_metrics(res) -> None:

@@ -244,8 +244,8 @@ class PointingGame(Metric):
         px = (idx % w).float() + 0.5
         py = torch.div(idx, w, rounding_mode="floor").float() + 0.5
         bx = pad_boxes(boxes, maps.device)
-        dx = torch.maximum(torch.maximum(bx[..., 0] - px[:, None], px[:, None] - bx[..., 2]), torch.zeros(()))
-        dy = torch.maximum(torch.maximum(bx[..., 1] - py[:, None], py[:, None] - bx[..., 3]), torch.zeros(()))
+        dx = torch.maximum(bx[..., 0] - px[:, None], px[:, None] - bx[..., 2]).clamp(min=0)
+        dy = torch.maximum(bx[..., 1] - py[:, None], py[:, None] - bx[..., 3]).clamp(min=0)
         dist = torch.nan_to_num(torch.sqrt(dx**2 + dy**2), nan=float("inf")).amin(1)
         return {self.name: 100.0 * (dist <= self.tolerance).float()}
 

@@ -194,7 +194,7 @@ def evaluate(
         config=config,
         annotations=annotations,
         device=device,
-        progress=None if quiet else RichProgress(err_console),
+        progress=None if quiet else RichProgress(err_console, "evaluating"),
     )
     if not quiet:
         _print_metrics(res)

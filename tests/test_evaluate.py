@@ -197,3 +197,16 @@ def test_evaluate_fabricated_folder_skips_missing_images(fake_run):
     assert set(v) == {("chelsea", "gradcam", "avg-drop"), ("chelsea", "saliency", "avg-drop")}
     assert v[("chelsea", "gradcam", "avg-drop")] == 0.0  # a map of ones keeps the whole image
     assert v[("chelsea", "saliency", "avg-drop")] > 50.0  # a map of zeros removes it
+
+
+def test_relative_paths_resolve_from_the_run_folder(tmp_path):
+    from xaicli.evaluate import _locator
+
+    (tmp_path / "proj" / "imgs").mkdir(parents=True)
+    (tmp_path / "proj" / "imgs" / "a.png").write_bytes(b"x")
+    out = tmp_path / "proj" / "runs" / "r1"
+    out.mkdir(parents=True)
+    locate = _locator(out, "runs/r1")  # the run was started in proj/ with --out runs/r1
+    assert locate("imgs/a.png") == tmp_path / "proj" / "imgs" / "a.png"
+    assert locate(str(tmp_path / "x.png")) == tmp_path / "x.png"  # absolute: unchanged
+    assert _locator(out, "elsewhere")("imgs/a.png") == __import__("pathlib").Path("imgs/a.png")

@@ -337,6 +337,7 @@ def run_evaluate(
     by_image: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_image.setdefault(r["image"], {})[r["method"]] = r  # a later row (a re-run) wins
+    locate = _locator(out, run_cfg.output)
     fallback: dict[str, Path] | None = None
     items, targets, skipped = [], [], 0
     for rel, per in by_image.items():
@@ -345,14 +346,15 @@ def run_evaluate(
             skipped += 1
             continue
         first = per[keys[0]]
-        path = Path(first["path"]) if first.get("path") else None
+        path = locate(first["path"]) if first.get("path") else None
         if path is None or not path.is_file():
             if fallback is None:
                 fallback = {}
                 root = (run.get("resolved") or {}).get("input_root")
                 spec = run_cfg.input.path if run_cfg.input else root
+                recursive = run_cfg.input.recursive if run_cfg.input else True
                 try:
-                    fallback = {it.rel: it.path for it in discover(spec, run_cfg.input.recursive).items}
+                    fallback = {it.rel: it.path for it in discover(locate(spec), recursive).items}
                 except Exception:  # the input moved: every image without a path column is skipped
                     fallback = {}
             path = fallback.get(rel)
@@ -423,6 +425,26 @@ def run_evaluate(
     res.images, res.skipped = done, skipped
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _locator(out: Path, recorded_output: str):
+    """Resolve a path recorded by the run: absolute as is; a relative one against the current
+    folder, else against the folder the run was started from (OUT minus its recorded relative
+    `output`, e.g. /home/u/proj for OUT=/home/u/proj/runs/a recorded as runs/a)."""
+    base = None
+    rec = Path(recorded_output)
+    if not rec.is_absolute():
+        parts, full = rec.parts, out.resolve().parts
+        if parts and len(full) >= len(parts) and tuple(full[-len(parts) :]) == tuple(parts):
+            base = Path(*full[: len(full) - len(parts)]) if len(full) > len(parts) else Path("/")
+
+    def locate(p: str | Path) -> Path:
+        q = Path(p)
+        if q.is_absolute() or q.exists() or base is None:
+            return q
+        return base / q if (base / q).exists() else q
+
+    return locate
 
 
 def _load_npy(p: Path):

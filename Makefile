@@ -30,8 +30,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check xaicli tests bench
 	$(BIN)/ruff format --check xaicli tests bench
 
-bench: $(STAMP)
-	$(BIN)/python bench/bench_methods.py
+bench: $(STAMP)  ## time methods vs plain inference and vs peers (see docs/benchmarks.md)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/bench_methods.py --peers --e2e 48 --out docs/benchmarks-latest.md
 
 clean:
 	rm -rf $(OUT) .pytest_cache

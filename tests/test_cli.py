@@ -8,6 +8,7 @@ import yaml
 from PIL import Image
 
 from conftest import SAMPLE_FILES, run_xai
+from conftest import SAMPLES as SAMPLES_DIR
 
 
 def rows(path):
@@ -78,3 +79,12 @@ def test_list_commands_and_version():
 def test_missing_input_is_a_usage_error(tmp_path):
     r = run_xai("explain", tmp_path / "nothing_here", "--out", tmp_path / "o", "--quiet")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_python_api_run(tmp_path, capsys):
+    import xaicli
+
+    s = xaicli.run({"input": str(SAMPLES_DIR / "coffee.png"), "output": str(tmp_path / "o"), "workers": 0})
+    assert s.done == 1 and s.exit_code == 0
+    assert "1/1" in capsys.readouterr().err  # tqdm progress bar outside the CLI
+    assert rows(tmp_path / "o" / "explanations.csv")[0]["top1_label"] == "espresso"

@@ -3,11 +3,12 @@
 Public API (imported lazily so `xai --version` does not load torch):
     load_model(spec, weights=None) -> LoadedModel(model, preprocess, class_names)
     explain(model, x, method="gradcam", target=None, **params) -> maps [B, H, W]
+    run(config, progress=True, **options) -> RunSummary   (a whole folder, like `xai explain`)
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "explain", "load_model"]
+__all__ = ["__version__", "explain", "load_model", "run"]
 
 
 def __getattr__(name):
@@ -19,4 +20,24 @@ def __getattr__(name):
         from .models import load_model
 
         return load_model
+    if name == "run":
+        return run
     raise AttributeError(name)
+
+
+def run(config, progress: bool = True, **options):
+    """Run a whole config (a YAML path, a dict of config keys, or a RunConfig) like `xai explain`.
+
+    options: force, wait, dry_run, limit, shard (see `xai explain --help`). Returns a RunSummary.
+    """
+    from .config import RunConfig, build_config
+    from .progress import TqdmProgress
+    from .runner import RunOptions, run_explain
+
+    if isinstance(config, RunConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = build_config(None, config)
+    else:
+        cfg = build_config(config)
+    return run_explain(cfg, progress=TqdmProgress() if progress else None, options=RunOptions(**options))

@@ -5,16 +5,18 @@ No logic lives here beyond that.
 
 from __future__ import annotations
 
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, XaiError
+from .errors import EXIT_INTERRUPTED, XaiError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all done; 1 done, some images failed (see OUT/errors.csv); "
@@ -30,15 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err_console = Console(stderr=True)
-
-try:  # recent typer vendors click: its usage errors are not click's classes
-    from typer._click import exceptions as _tx
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _tx = click.exceptions
-_USAGE_ERRORS = (click.exceptions.UsageError, _tx.UsageError)
-_ABORTS = (click.exceptions.Abort, typer.Abort)
-_CLICK_ERRORS = (click.exceptions.ClickException, _tx.ClickException)
+err_console = Console(stderr=True, soft_wrap=True)  # one line per message, also in cron logs
 
 
 def _version(value: bool):
@@ -88,6 +82,19 @@ def explain(
     annotations: Path | None = typer.Option(
         None, "--annotations", help="Bounding boxes (CSV, JSON or Pascal VOC XML) for the localization metrics."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Redo every image (and replace the outputs of a different config)."
+    ),
+    wait: bool = typer.Option(
+        False, "--wait", help="If another run holds the output folder, wait for it (else exit 3)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be done; write nothing."),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Process at most N images (of those not up to date)."
+    ),
+    shard: str | None = typer.Option(
+        None, "--shard", help="I/N: only the images of shard I of N (deterministic by name; one --out per shard)."
+    ),
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress bar or summary (for cron); errors still go to stderr."
     ),
@@ -100,7 +107,7 @@ def explain(
     """
     from .config import build_config
     from .progress import RichProgress
-    from .runner import run_explain
+    from .runner import RunOptions, run_explain
 
     overrides = {
         "input": inputs,
@@ -120,7 +127,17 @@ def explain(
     }
     cfg = build_config(config, overrides)
     progress = None if quiet else RichProgress(err_console)
-    summary = run_explain(cfg, progress=progress)
+    options = RunOptions(force=force, wait=wait, dry_run=dry_run, limit=limit, shard=shard)
+    with interruptible():
+        summary = run_explain(
+            cfg,
+            progress=progress,
+            options=options,
+            on_wait=lambda holder: err_console.print(f"waiting for the run that holds {cfg.output} ({holder})"),
+        )
+    if dry_run:
+        _print_plan(summary)
+        raise typer.Exit(0)
     if not quiet:
         _print_summary(summary)
         if summary.metrics is not None:
@@ -130,12 +147,24 @@ def explain(
     raise typer.Exit(summary.exit_code)
 
 
+def _print_plan(s) -> None:
+    console = Console()
+    console.print(
+        f"dry run: {s.total} image(s) found, {s.skipped} up to date, {len(s.planned)} to do"
+        + (f", {s.ignored} non-image file(s) ignored" if s.ignored else "")
+    )
+    for it in s.planned:
+        console.print(f"  {it.path}", highlight=False, markup=False)
+
+
 def _print_summary(s) -> None:
     console = Console()
     t = Table(title="xai explain", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
     t.add_row("images", str(s.total))
+    if s.skipped:
+        t.add_row("up to date", f"{s.skipped} (from an earlier run; --force redoes them)")
     t.add_row("done", str(s.done))
     t.add_row("failed", str(s.failed) + (" (see errors.csv)" if s.failed else ""))
     if s.ignored:
@@ -271,25 +300,28 @@ def models():
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def _sigterm(_signum, _frame):
+    raise KeyboardInterrupt  # cron/systemd stop: finish the batch files in flight, exit 130
+
+
+@contextmanager
+def interruptible():
+    """Ctrl-C / SIGTERM inside a command: say so and exit 130 (batches already written stay)."""
     try:
-        rc = app(args=argv, standalone_mode=False)
-    except XaiError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except _USAGE_ERRORS as e:
-        e.show()
-        sys.exit(EXIT_USAGE)
-    except _ABORTS:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(EXIT_INTERRUPTED)
+        yield
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(EXIT_INTERRUPTED)
-    except _CLICK_ERRORS as e:
-        e.show()
+        err_console.print("[yellow]interrupted[/]: finished batches are kept; run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: typer handles usage errors (exit 2); XaiError -> one line + its exit code."""
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        app(args=argv, standalone_mode=True)
+    except XaiError as e:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
-    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ class Discovery:
     ignored: int = 0  # files without an image extension in a folder
 
 
+def printable(s: str) -> str:
+    """A file name that is not valid UTF-8 (surrogate escapes) -> valid text with U+FFFD."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _has_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
@@ -47,7 +52,8 @@ def _has_glob(s: str) -> bool:
 def safe_rel(path: Path, root: Path) -> str:
     """Relative POSIX path under `root`; never contains '..' or an absolute part."""
     try:
-        rel = PurePosixPath(path.resolve(strict=False).relative_to(root.resolve()).as_posix())
+        # abspath normalizes '..' without following symlinks: a symlinked file keeps its own name
+        rel = PurePosixPath(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix())
     except ValueError:
         # outside the root (absolute entry in a list file, a symlink out): keep the name parts only
         parts = [p for p in PurePosixPath(path.as_posix()).parts if p not in ("/", "..", ".") and not p.endswith(":")]
@@ -66,7 +72,7 @@ def _keys(paths: list[Path], root: Path) -> list[ImageItem]:
     for p, r, s in zip(paths, rels, stems, strict=True):
         # a.jpg and a.png in one folder would collide: keep the extension as _jpg / _png
         key = s if counts[s] == 1 else s + "_" + PurePosixPath(r).suffix.lstrip(".").lower()
-        out.append(ImageItem(p, key))
+        out.append(ImageItem(p, printable(key)))
     return out
 
 

@@ -5,7 +5,6 @@
     OUT/errors.csv                    images that could not be processed (path, reason)
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
-    OUT/metrics*.csv, metrics_*.png   metrics (xaicli/evaluate.py, docs/metrics.md)
 
 Files are written to a temporary name in the same folder and renamed (atomic on POSIX); CSV
 rows are appended whole and flushed (fsync) at batch boundaries.
@@ -40,7 +39,9 @@ EXPLANATION_FIELDS = [
     "map_max",
     "status",
     "delta",  # completeness delta for path methods (Integrated Gradients); empty otherwise
-    "path",  # the source image file (absolute), so `xai evaluate` can re-read it
+    "path",  # the source file
+    "size",  # source size in bytes and mtime (ns) when processed: the resume key
+    "mtime_ns",
 ]
 ERROR_FIELDS = ["image", "path", "reason"]
 
@@ -52,6 +53,13 @@ def method_dir(out: Path, method: str) -> Path:
 def map_paths(out: Path, method: str, rel: str) -> tuple[Path, Path]:
     base = method_dir(out, method) / rel
     return base.with_name(base.name + ".png"), base.with_name(base.name + ".npy")
+
+
+def ensure_inside(out: Path, path: Path) -> None:
+    """Refuse to write through a symlink (or anything else) that leads out of the output folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.resolve().is_relative_to(out.resolve()):
+        raise PermissionError(f"refusing to write {path}: it resolves outside the output folder {out}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -133,7 +141,7 @@ class CsvAppender:
         if new:
             wr.writeheader()
         wr.writerows(rows)
-        with open(self.path, "a", encoding="utf-8", newline="") as f:
+        with open(self.path, "a", encoding="utf-8", errors="replace", newline="") as f:
             f.write(buf.getvalue())
             f.flush()
             os.fsync(f.fileno())

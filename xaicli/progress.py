@@ -18,6 +18,8 @@ from rich.text import Text
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
+        if not speed and task.elapsed and task.completed:
+            speed = task.completed / task.elapsed
         return Text(f"{speed:.1f} img/s" if speed else "-- img/s", style="cyan")
 
 
@@ -51,3 +53,25 @@ class RichProgress:
         if self._p is not None:
             self._p.stop()
             self._p = None
+
+
+class TqdmProgress:
+    """The same interface on tqdm, for the Python API (notebooks, scripts) outside the CLI."""
+
+    def __init__(self, description: str = "explaining"):
+        self.description = description
+        self._bar = None
+
+    def start(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=self.description, unit="img")
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

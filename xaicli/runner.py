@@ -18,22 +18,24 @@ import numpy as np
 import torch
 
 from .config import RunConfig, dump_config
-from .data import Discovery, ImageDataset, discover, make_loader
+from .data import Discovery, ImageDataset, ImageItem, discover, make_loader, printable
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from .evaluate import start_metrics
 from .methods import build_method
-from .methods.base import Method, eval_mode
+from .methods.base import Explanation, Method, eval_mode
 from .models import LoadedModel, load_model
 from .outputs import (
     ERROR_FIELDS,
     EXPLANATION_FIELDS,
     CsvAppender,
+    ensure_inside,
     map_paths,
     overlay,
     save_npy,
     save_png,
     write_run_yaml,
 )
+from .state import JsonLog, OutputLock, apply_plan, config_hash, make_plan, parse_shard, shard_of
 
 
 @dataclass
@@ -46,6 +48,8 @@ class RunSummary:
     seconds: float = 0.0
     method_seconds: dict[str, float] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    skipped: int = 0  # up to date from an earlier run (resume)
+    planned: list = field(default_factory=list)  # --dry-run: what would be done
     metrics: object | None = None  # EvalSummary when the run computed metrics (--metrics)
 
     @property
@@ -67,8 +71,8 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[int, int]:
-    """Labels CSV (columns image, class) -> {item index: class index}.
+def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str, int]:
+    """Labels CSV (columns image, class) -> {image key: class index}.
 
     `image` matches an item's path relative to the input root (with or without extension) or
     its file name; `class` is a class index or a class name.
@@ -92,11 +96,11 @@ def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[int,
             raise ConfigError(f"target: labels file {p}: class {idx} is out of range (0..{len(lm.class_names) - 1})")
         table[r["image"].strip()] = idx
     out = {}
-    for i, it in enumerate(disc.items):
+    for it in disc.items:
         rel_full = it.path.relative_to(disc.root).as_posix() if it.path.is_relative_to(disc.root) else it.path.name
         for k in (rel_full, it.rel, it.path.name):
             if k in table:
-                out[i] = table[k]
+                out[it.rel] = table[k]
                 break
     return out
 
@@ -114,29 +118,41 @@ def build_methods(cfg: RunConfig, lm: LoadedModel) -> list[tuple[str, Method]]:
 
 
 class Writer:
-    """Encodes files on a thread pool; appends a batch's CSV rows once all its files exist."""
+    """Encodes files on a thread pool; appends a batch's CSV rows once all its files exist.
 
-    def __init__(self, out: Path, threads: int = 4, max_pending: int = 4):
+    A file that cannot be written (a path through a symlink out of OUT, a name too long...) fails
+    that image and method only: its row is replaced by an errors.csv row.
+    """
+
+    def __init__(self, out: Path, on_error, threads: int = 4, max_pending: int = 4):
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="xai-writer")
-        self.pending: deque[tuple[list[Future], list[dict]]] = deque()
+        self.pending: deque[tuple[list[tuple[Future, str, str]], list[dict]]] = deque()
         self.max_pending = max_pending
         self.explanations = CsvAppender(out / "explanations.csv", EXPLANATION_FIELDS)
+        self.on_error = on_error  # (row, reason) -> None
 
-    def submit(self, futures: list[Future], rows: list[dict]) -> None:
+    def submit(self, futures: list[tuple[Future, str, str]], rows: list[dict]) -> None:
         self.pending.append((futures, rows))
         self._drain(block=len(self.pending) > self.max_pending)
 
     def _drain(self, block: bool) -> None:
-        while self.pending and (block or all(f.done() for f in self.pending[0][0])):
+        while self.pending and (block or all(f.done() for f, _, _ in self.pending[0][0])):
             futures, rows = self.pending.popleft()
-            for f in futures:
-                f.result()  # re-raise a write error (disk full...) in the main thread
-            self.explanations.append(rows)
+            failed = {}
+            for f, image, method in futures:
+                exc = f.exception()
+                if exc is not None:
+                    if not isinstance(exc, OSError):
+                        raise exc
+                    failed[(image, method)] = f"could not write output: {type(exc).__name__}: {exc}"
+            for r in rows:
+                if (r["image"], r["method"]) in failed:
+                    self.on_error(r, failed[(r["image"], r["method"])])
+            self.explanations.append([r for r in rows if (r["image"], r["method"]) not in failed])
             block = block and len(self.pending) > self.max_pending
 
     def close(self) -> None:
         try:
-            self._drain(block=True)
             while self.pending:
                 self._drain(block=True)
         finally:
@@ -145,16 +161,107 @@ class Writer:
 
 def _write_one(out: Path, key: str, rel: str, cam: np.ndarray, orig: np.ndarray, box, cmap: str, alpha: float):
     png, npy = map_paths(out, key, rel)
+    ensure_inside(out, png)
     save_npy(npy, cam)
     save_png(png, overlay(orig, cam, box, cmap, alpha))
 
 
-def run_explain(cfg: RunConfig, *, progress=None) -> RunSummary:
+@dataclass
+class RunOptions:
+    """How to run (not what): these never change the outputs, so they are not in the config hash."""
+
+    force: bool = False  # redo every image (and replace the outputs of a different config)
+    wait: bool = False  # wait for the output lock instead of exiting with code 3
+    dry_run: bool = False  # print the plan, write nothing
+    limit: int | None = None  # process at most N images of the plan
+    shard: str | None = None  # "I/N": only images whose key hashes to shard I of N
+
+
+class Backoff:
+    """Largest sub-batch that fit on the device so far; halved on out-of-memory, never grown back."""
+
+    def __init__(self) -> None:
+        self.chunk: int | None = None
+        self.events = 0
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def _run_method(meth: Method, model, x, target, backoff: Backoff, log) -> tuple[Explanation, torch.Tensor]:
+    """Run on x in sub-batches of backoff.chunk; on OOM halve and retry. Returns (expl, failed mask)."""
+    n = x.shape[0]
+    size = min(backoff.chunk or n, n)
+    parts, start = [], 0
+    while start < n:
+        end = min(start + size, n)
+        t = target[start:end] if target is not None else None
+        try:
+            parts.append((meth.run(model, x[start:end], t), None))
+            start = end
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size == 1:  # even one image does not fit: that image fails, the run goes on
+                log.event("oom_image", method=meth.name)
+                parts.append((None, 1))
+                start = end
+                continue
+            size = (size + 1) // 2
+            backoff.chunk = size
+            backoff.events += 1
+            log.event("oom_backoff", method=meth.name, batch=size)
+    maps, logits, extras, failed = [], [], {}, []
+    h, w = x.shape[-2:]
+    for expl, bad in parts:
+        if expl is None:
+            maps.append(torch.full((bad, h, w), float("nan"), device=x.device))
+            logits.append(None)
+            failed.append(torch.ones(bad, dtype=torch.bool))
+            continue
+        maps.append(expl.maps)
+        logits.append(expl.logits)
+        failed.append(torch.zeros(expl.maps.shape[0], dtype=torch.bool))
+        for k, v in expl.extras.items():
+            extras.setdefault(k, []).append(v)
+    all_logits = torch.cat(logits) if all(lg is not None for lg in logits) else None
+    ex = {k: torch.cat(v) for k, v in extras.items() if len(v) == len(parts)}
+    return Explanation(torch.cat(maps), all_logits, ex), torch.cat(failed)
+
+
+def run_explain(cfg: RunConfig, *, progress=None, options: RunOptions | None = None, on_wait=None) -> RunSummary:
     """Run every method of `cfg` over its input; `progress` is a ProgressReporter or None."""
+    opts = options or RunOptions()
     t_start = time.perf_counter()
     disc = discover(cfg.input.path, cfg.input.recursive)
+    items = disc.items
+    shard = parse_shard(opts.shard)
+    if shard is not None:
+        items = [it for it in items if shard_of(it.rel, shard[1]) == shard[0]]
     out = Path(cfg.output)
+    chash = config_hash(cfg)
+    if opts.dry_run:
+        plan = make_plan(out, items, cfg, chash, opts.force)
+        todo = plan.todo[: opts.limit] if opts.limit is not None else plan.todo
+        return RunSummary(
+            out=out,
+            total=len(items),
+            ignored=disc.ignored,
+            skipped=plan.up_to_date,
+            planned=[items[i] for i in todo],
+        )
     out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out, wait=opts.wait, on_wait=on_wait):
+        return _run_locked(cfg, opts, disc, items, out, chash, progress, t_start)
+
+
+def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSummary:
+    log = JsonLog(out / "xai-log.jsonl")
+    plan = make_plan(out, items, cfg, chash, opts.force)
+    todo = plan.todo[: opts.limit] if opts.limit is not None else plan.todo
     device = resolve_device(cfg.device)
     lm = load_model(
         cfg.model.name,
@@ -170,77 +277,103 @@ def run_explain(cfg: RunConfig, *, progress=None) -> RunSummary:
     elif isinstance(cfg.target, int) and cfg.target >= len(lm.class_names):
         raise ConfigError(f"target: class {cfg.target} is out of range (the model has {len(lm.class_names)} classes)")
 
+    apply_plan(out, items, plan, opts.force)
     write_run_yaml(
         out,
         dump_config(cfg),
         {
+            "config_hash": chash,
             "resolved": {
                 "device": str(device),
                 "input_root": str(disc.root),
-                "images": len(disc.items),
+                "images": len(items),
+                "shard": opts.shard,
                 "layers": {k: getattr(m, "layer", None) for k, m in methods if m.needs_layer},
                 "input_size": list(lm.preprocess.input_size),
-            }
+            },
         },
     )
-    summary = RunSummary(out=out, total=len(disc.items), ignored=disc.ignored)
+    work = [items[i] for i in todo]
+    summary = RunSummary(out=out, total=len(items), ignored=disc.ignored, skipped=plan.up_to_date)
+    log.event("run_start", config_hash=chash, images=len(items), todo=len(work), up_to_date=plan.up_to_date)
     errors = CsvAppender(out / "errors.csv", ERROR_FIELDS)
-    dataset = ImageDataset(disc.items, lm.preprocess, cfg.max_pixels)
+    dataset = ImageDataset(work, lm.preprocess, cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-    writer = Writer(out)
-    metrics = start_metrics(cfg, lm, methods, out)  # None without --metrics
+
+    def write_failed(row: dict, reason: str) -> None:
+        errors.append([{"image": row["image"], "path": row["path"], "reason": f"{row['method']}: {reason}"}])
+        summary.failed += 1
+        summary.errors.append((row["path"], reason))
+        log.event("image_error", image=row["image"], method=row["method"], reason=reason)
+
+    writer = Writer(out, write_failed)
+    backoff = Backoff()
+    ctx = _BatchContext(cfg, lm, methods, labels, device, writer, out, summary, plan.keys, backoff, log, disc)
+    ctx.metrics = start_metrics(cfg, lm, methods, out)  # None without --metrics
     if progress:
-        progress.start(len(disc.items))
-    model = lm.model
+        progress.start(len(work))
+    status = "interrupted"
     try:
-        with eval_mode(model):
+        with eval_mode(lm.model):
             for batch in loader:
-                err_rows = []
-                for i, reason in batch.failures:
-                    it = disc.items[i]
-                    err_rows.append({"image": it.rel, "path": str(it.path), "reason": reason})
-                    summary.errors.append((str(it.path), reason))
-                errors.append(err_rows)
-                summary.failed += len(err_rows)
-                indices = list(batch.indices)
-                if batch.x is not None and labels is not None:
-                    keep = [j for j, i in enumerate(indices) if i in labels]
+                err_rows = [_error_row(work[i], reason) for i, reason in batch.failures]
+                indices, x, origs = list(batch.indices), batch.x, batch.origs
+                if x is not None and labels is not None:
+                    keep = [j for j, i in enumerate(indices) if work[i].rel in labels]
                     for i in indices:
-                        if i not in labels:
-                            it = disc.items[i]
-                            reason = f"no entry in the labels file {cfg.target}"
-                            errors.append([{"image": it.rel, "path": str(it.path), "reason": reason}])
-                            summary.errors.append((str(it.path), reason))
-                            summary.failed += 1
-                    indices = [indices[j] for j in keep]
-                    batch.x = batch.x[keep] if keep else None
-                    batch.origs = [batch.origs[j] for j in keep]
-                if batch.x is not None and len(indices):
-                    _explain_batch(
-                        cfg,
-                        lm,
-                        methods,
-                        batch.x,
-                        indices,
-                        batch.origs,
-                        disc,
-                        labels,
-                        device,
-                        writer,
-                        out,
-                        summary,
-                        metrics,
-                    )
+                        if work[i].rel not in labels:
+                            err_rows.append(_error_row(work[i], f"no entry in the labels file {cfg.target}"))
+                    indices, origs = [indices[j] for j in keep], [origs[j] for j in keep]
+                    x = x[keep] if keep else None
+                if err_rows:
+                    errors.append(err_rows)
+                    summary.failed += len(err_rows)
+                    summary.errors.extend((r["path"], r["reason"]) for r in err_rows)
+                    for r in err_rows:
+                        log.event("image_error", image=r["image"], reason=r["reason"])
+                if x is not None and indices:
+                    _explain_batch(ctx, x, [work[i] for i in indices], origs)
                 if progress:
                     progress.advance(len(batch.indices) + len(batch.failures))
+        status = "done"
     finally:
         writer.close()
         if progress:
             progress.stop()
-    if metrics is not None:
-        summary.metrics = metrics.finish()
-    summary.seconds = time.perf_counter() - t_start
+        summary.seconds = time.perf_counter() - t_start
+        log.event(
+            "run_end",
+            status=status,
+            done=summary.done,
+            failed=summary.failed,
+            up_to_date=summary.skipped,
+            seconds=round(summary.seconds, 3),
+            oom_backoffs=backoff.events,
+        )
+    if ctx.metrics is not None:
+        summary.metrics = ctx.metrics.finish()
     return summary
+
+
+def _error_row(it: ImageItem, reason: str) -> dict:
+    return {"image": it.rel, "path": printable(str(it.path)), "reason": reason}
+
+
+@dataclass
+class _BatchContext:
+    cfg: RunConfig
+    lm: LoadedModel
+    methods: list
+    labels: dict | None
+    device: torch.device
+    writer: Writer
+    out: Path
+    summary: RunSummary
+    keys: dict
+    backoff: Backoff
+    log: JsonLog
+    disc: Discovery
+    metrics: object = None  # MetricSession with --metrics (xaicli/evaluate.py)
 
 
 def _sync(device: torch.device) -> None:
@@ -248,30 +381,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _explain_batch(cfg, lm, methods, x_cpu, indices, origs, disc, labels, device, writer, out, summary, metrics=None):
+def _explain_batch(ctx: _BatchContext, x_cpu, batch_items: list[ImageItem], origs) -> None:
+    cfg, lm, device = ctx.cfg, ctx.lm, ctx.device
     model = lm.model
     x = x_cpu.to(device, non_blocking=True)
-    if labels is not None:
-        target = torch.tensor([labels[i] for i in indices], dtype=torch.long, device=device)
+    if ctx.labels is not None:
+        target = torch.tensor([ctx.labels[it.rel] for it in batch_items], dtype=torch.long, device=device)
     elif isinstance(cfg.target, int):
-        target = torch.full((len(indices),), cfg.target, dtype=torch.long, device=device)
+        target = torch.full((len(batch_items),), cfg.target, dtype=torch.long, device=device)
     else:
         target = None
     results = []
     on_device = {}  # maps still on the device, for the metrics
     logits = None
-    for key, meth in methods:
+    for key, meth in ctx.methods:
         _sync(device)
         t0 = time.perf_counter()
-        expl = meth.run(model, x, target)
-        if metrics is not None:
+        expl, oom = _run_method(meth, model, x, target, ctx.backoff, ctx.log)
+        if ctx.metrics is not None:
             on_device[key] = expl.maps.detach()
         maps = expl.maps.detach().float().cpu()  # one transfer per batch and method
         dt = time.perf_counter() - t0
-        summary.method_seconds[key] = summary.method_seconds.get(key, 0.0) + dt
+        ctx.summary.method_seconds[key] = ctx.summary.method_seconds.get(key, 0.0) + dt
         if logits is None and expl.logits is not None:
             logits = expl.logits
-        results.append((key, maps, dt, expl.extras))
+        results.append((key, maps, dt, expl.extras, oom))
     if logits is None:
         with torch.no_grad():
             logits = model(x)
@@ -280,15 +414,17 @@ def _explain_batch(cfg, lm, methods, x_cpu, indices, origs, disc, labels, device
     top_p, top_c = probs.max(dim=1)
     t_p = probs.gather(1, tgt[:, None])[:, 0]
     origs_np = [o.numpy() for o in origs]
-    if metrics is not None:
+    if ctx.metrics is not None:
         sizes = [(o.shape[1], o.shape[0]) for o in origs_np]
-        metrics.add_batch(model, x, on_device, tgt.to(device), [disc.items[i] for i in indices], sizes)
+        ctx.metrics.add_batch(model, x, on_device, tgt.to(device), batch_items, sizes)
     futures, rows = [], []
-    for key, maps, dt, extras in results:
+    n = len(batch_items)
+    for key, maps, dt, extras, oom in results:
         finite = torch.isfinite(maps).flatten(1).all(dim=1)
         mins, maxs = maps.flatten(1).amin(1), maps.flatten(1).amax(1)
-        for j, i in enumerate(indices):
-            it = disc.items[i]
+        for j, it in enumerate(batch_items):
+            size_mtime = ctx.keys.get(it.rel) or ("", "")
+            ok = bool(finite[j]) and not bool(oom[j])
             row = {
                 "image": it.rel,
                 "method": key,
@@ -298,22 +434,25 @@ def _explain_batch(cfg, lm, methods, x_cpu, indices, origs, disc, labels, device
                 "top1_class": int(top_c[j]),
                 "top1_label": lm.label(int(top_c[j])),
                 "top1_prob": f"{float(top_p[j]):.6f}",
-                "seconds": f"{dt / len(indices):.6f}",
+                "seconds": f"{dt / n:.6f}",
                 "map_min": f"{float(mins[j]):.6g}",
                 "map_max": f"{float(maxs[j]):.6g}",
-                "status": "ok" if bool(finite[j]) else "nonfinite",
-                "path": str(it.path.absolute()),
+                "status": "ok" if ok else ("oom" if bool(oom[j]) else "nonfinite"),
+                "path": printable(str(it.path)),
+                "size": size_mtime[0],
+                "mtime_ns": size_mtime[1],
             }
             for name, vals in extras.items():
                 row[name] = f"{float(vals[j]):.6g}"
             rows.append(row)
-            if bool(finite[j]):
+            if ok:
                 h, w = origs_np[j].shape[:2]
                 box = lm.preprocess.crop_box(w, h)
-                futures.append(
-                    writer.pool.submit(
-                        _write_one, out, key, it.rel, maps[j].numpy(), origs_np[j], box, cfg.colormap, cfg.alpha
-                    )
+                fut = ctx.writer.pool.submit(
+                    _write_one, ctx.out, key, it.rel, maps[j].numpy(), origs_np[j], box, cfg.colormap, cfg.alpha
                 )
-    summary.done += len(indices)
-    writer.submit(futures, rows)
+                futures.append((fut, it.rel, key))
+            else:
+                ctx.log.event("map_flagged", image=it.rel, method=key, status=row["status"])
+    ctx.summary.done += n
+    ctx.writer.submit(futures, rows)

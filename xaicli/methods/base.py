@@ -163,16 +163,19 @@ class CAMMethod(Method):
 
         if self.layer is None:
             self.prepare(model, tuple(x.shape[-2:]))
-        x = x.detach().requires_grad_(self.needs_grad)
-        with torch.set_grad_enabled(self.needs_grad), capture(model, self.layer) as cap:
-            logits = model(x)
+        with capture(model, self.layer, start_graph=self.needs_grad) as cap:
+            with torch.no_grad():  # the trunk up to the layer records no graph (see capture)
+                logits = model(x.detach())
+            if cap.activation is None:
+                raise MethodError(f"layer '{self.layer}' was not called in the forward pass; name another layer")
             tgt = select_target(logits, target)
             check_target(tgt, logits.shape[1])
             acts = cap.activation
             grads = None
             if self.needs_grad:
-                score = logits.gather(1, tgt[:, None]).sum()
-                (grads,) = torch.autograd.grad(score, acts)
+                with torch.enable_grad():
+                    score = logits.gather(1, tgt[:, None]).sum()
+                    (grads,) = torch.autograd.grad(score, acts)
         acts = acts.detach()
         if acts.dim() == 3:  # ViT tokens [B, N, D] -> [B, D, h, w]
             acts = tokens_to_grid(acts)

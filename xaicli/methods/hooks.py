@@ -25,13 +25,22 @@ class Capture:
 
 
 @contextmanager
-def capture(model: nn.Module, layer: str) -> Iterator[Capture]:
-    """Record the output of `model.<layer>`; the hook is removed when the block exits."""
+def capture(model: nn.Module, layer: str, start_graph: bool = False) -> Iterator[Capture]:
+    """Record the output of `model.<layer>`; the hook is removed when the block exits.
+
+    start_graph=True makes the captured activation a leaf that requires grad and turns autograd
+    on from there: run the forward under `torch.no_grad()` and only the layers after the target
+    layer are recorded, so d(score)/d(activation) costs a head-only backward and the trunk runs
+    at inference speed and memory.
+    """
     module = get_module(model, layer)
     cap = Capture()
 
     def hook(_mod, _inp, out):
         t = out[0] if isinstance(out, tuple | list) else out
+        if start_graph:
+            t = t.detach().requires_grad_(True)
+            torch.set_grad_enabled(True)  # thread-local; the caller's no_grad() block restores it
         cap.activation = t
         # downstream in-place ops act on the copy; gradients still flow back through `t`
         clone = t.clone()

@@ -1,0 +1,36 @@
+"""CUDA: the same maps as on the CPU, and a CLI run on the device. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from xaicli import explain
+from xaicli.methods import METHODS
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+FAST = [m for m in ("gradcam", "saliency", "inputxgrad", "guided_backprop", "gradcampp", "cam") if m in METHODS]
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_cuda_matches_cpu(default_model, sample_batch, method):
+    cpu = explain(default_model, sample_batch, method)
+    default_model.to("cuda")
+    try:
+        gpu = explain(default_model, sample_batch.cuda(), method)
+    finally:
+        default_model.to("cpu")
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
+    c, g = cpu.flatten(1), gpu.cpu().flatten(1)
+    scale = c.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    assert ((c - g).abs() / scale).max() < 1e-2
+
+
+def test_cli_on_cuda(tmp_path):
+    from conftest import SAMPLES, run_xai
+
+    r = run_xai("explain", SAMPLES, "--out", tmp_path / "o", "--device", "cuda", "-q", "-m", ",".join(FAST))
+    assert r.returncode == 0, r.stderr
+    assert "device: cuda" in (tmp_path / "o" / "run.yaml").read_text()

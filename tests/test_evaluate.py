@@ -160,6 +160,10 @@ def test_config_metrics_are_validated(tmp_path):
         None, {"input": str(tmp_path), "methods": "gradcam,saliency", "metrics": "win", "against": "saliency"}
     )
     assert cfg.metrics[0].params == {"against": "saliency"}
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump({"input": str(tmp_path), "metrics": [{"name": "deletion", "step": 0.5}, "insertion"]}))
+    cfg = build_config(y, {"metrics": "avg-drop,deletion"})  # the flag picks names, the file keeps parameters
+    assert [(m.name, m.params) for m in cfg.metrics] == [("avg-drop", {}), ("deletion", {"step": 0.5})]
     for over, msg in [
         ({"metrics": "nope"}, "unknown metric 'nope'"),
         ({"metrics": "win"}, "needs `against"),

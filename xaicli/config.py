@@ -279,6 +279,10 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
             m = {"name": m} if isinstance(m, str) else dict(m)
             m[key.split(".", 1)[1]] = val
             data["model"] = m
+        elif key == "metrics" and isinstance(val, str):
+            # --metrics NAMES: the config's parameters for the names it lists, defaults for the others
+            by_name = {d["name"]: d for d in _named_list(data.get("metrics") or []) or [] if isinstance(d, dict)}
+            data["metrics"] = [by_name.get(d["name"], d) for d in _named_list(val)]
         elif key == "against":
             data["metrics"] = with_against(data.get("metrics") or [], val)
         elif key == "input" and isinstance(data.get("input"), dict):

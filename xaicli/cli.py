@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import MISSING
 from pathlib import Path
 
 import typer
@@ -272,10 +273,52 @@ def methods():
     t.add_column("parameters")
     for name, cls in sorted(METHODS.items()):
         params = ", ".join(
-            f"{f.name}={f.default!r}" if f.default is not f.default_factory else f.name for f in cls.params()
+            f"{f.name}={f.default_factory() if f.default_factory is not MISSING else f.default!r}" for f in cls.params()
         )
         t.add_row(name, cls.description, params)
     Console().print(t)
+
+
+@app.command()
+def visualize(
+    cls: int = typer.Option(..., "--class", "-k", help="Class index whose logit is maximised (e.g. 285)."),
+    model: str = typer.Option("default", help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
+    weights: str | None = typer.Option(None, help="default | none | a weights name/tag | a local checkpoint."),
+    out: Path = typer.Option(Path("xai-out"), "--out", "-o", help="Output folder (default ./xai-out)."),
+    steps: int = typer.Option(200, help="Gradient-ascent steps."),
+    lr: float = typer.Option(1.0, help="Step size in normalised input units."),
+    l2: float = typer.Option(1e-3, "--l2", help="L2 regularisation weight lambda of ||I||^2."),
+    jitter: bool = typer.Option(False, help="Randomly shift the image by up to 4 px each step."),
+    blur: bool = typer.Option(False, help="Blur the image lightly (sigma 0.5 px) every 4 steps."),
+    device: str = typer.Option("auto", help="auto (default), cpu, cuda, cuda:N."),
+):
+    """Class model visualisation (Simonyan 2013): the image that maximises a class logit.
+
+    Writes OUT/visualize/class_<c>.png and appends a row to OUT/visualizations.csv.
+    """
+    from .methods.visualize import visualize_class, write_visualization
+    from .models import load_model
+    from .runner import resolve_device
+
+    lm = load_model(model, weights, device=resolve_device(device))
+    pre = lm.preprocess
+    vis = visualize_class(
+        lm.model,
+        cls,
+        pre.mean,
+        pre.std,
+        pre.input_size,
+        steps=steps,
+        lr=lr,
+        l2=l2,
+        jitter=4 if jitter else 0,
+        blur_sigma=0.5 if blur else 0.0,
+    )
+    png = write_visualization(out, vis, lm.label(cls), l2, lr)
+    Console().print(
+        f"class {cls} ({lm.label(cls)}): logit {vis.initial_logit:.3f} -> {vis.final_logit:.3f}, "
+        f"probability {vis.final_prob:.4f}; wrote {png}"
+    )
 
 
 @app.command()

@@ -112,6 +112,7 @@ def build_methods(cfg: RunConfig, lm: LoadedModel) -> list[tuple[str, Method]]:
         meth = build_method(m.name, **params)
         if meth.needs_layer and getattr(meth, "layer", None) is None and cfg.model.layer:
             meth.layer = cfg.model.layer
+        meth.bind_preprocess(lm.preprocess)
         meth.prepare(lm.model, lm.preprocess.input_size)
         out.append((m.key, meth))
     return out

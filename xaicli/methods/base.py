@@ -75,6 +75,34 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of [B, C, H, W] (reflect padding, radius 3 sigma), on x's device."""
+    if sigma <= 0:
+        return x
+    h, w = x.shape[-2:]
+    r = max(1, min(int(3 * sigma + 0.5), h - 1, w - 1))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    y = F.pad(x, (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def target_score(logits: Tensor, target: Tensor, kind: str = "logit") -> Tensor:
+    """[B] score of the target class: the logit (default) or the softmax probability."""
+    if kind == "prob":
+        return torch.softmax(logits.float(), dim=1).gather(1, target[:, None])[:, 0]
+    return logits.gather(1, target[:, None])[:, 0]
+
+
+def chunks(n: int, size: int, device) -> Iterator[Tensor]:
+    """Index tensors covering range(n) in consecutive chunks of at most `size`."""
+    for start in range(0, n, size):
+        yield torch.arange(start, min(n, start + size), device=device)
+
+
 @dataclass
 class Method:
     """Base class. Parameters are dataclass fields (validated from config/CLI/API)."""
@@ -85,6 +113,14 @@ class Method:
 
     def prepare(self, model: nn.Module, input_size: tuple[int, int]) -> None:
         """Resolve anything that depends on the model (e.g. the target layer); called once."""
+
+    def bind_preprocess(self, preprocess) -> None:
+        """Learn the model's preprocessing (a `models.preprocess.Preprocess`: mean, std, resize).
+
+        Called by the runner and by `explain` when the model came from `load_model`, before
+        `prepare`; methods that need pixel space (IG's black/uniform/image baselines) fill
+        their unset `mean`/`std` from it, wrappers (SmoothGrad) pass it on. The default ignores it.
+        """
 
     def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
         raise NotImplementedError
@@ -125,6 +161,8 @@ def explain(model, x: Tensor, method: str | Method = "gradcam", target=None, **p
     """
     net = getattr(model, "model", model)
     m = method if isinstance(method, Method) else build_method(method, **params)
+    if getattr(model, "preprocess", None) is not None:
+        m.bind_preprocess(model.preprocess)
     with eval_mode(net):
         m.prepare(net, tuple(x.shape[-2:]))
         return m(net, x, target)
@@ -157,13 +195,20 @@ class CAMMethod(Method):
         w = self.weights(acts, grads)
         return torch.einsum("bk,bkhw->bhw", w, acts)
 
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
+    def forward_backward(
+        self, model: nn.Module, x: Tensor, target: Tensor | None, need_grad: bool | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """One forward (and backward) pass: (acts [B,K,h,w], grads or None, logits, target).
+
+        Token activations [B,N,D] come back as a grid [B,D,h,w]; acts/grads are detached float32.
+        """
         from ..models.layers import tokens_to_grid
         from .hooks import capture
 
+        need_grad = self.needs_grad if need_grad is None else need_grad
         if self.layer is None:
             self.prepare(model, tuple(x.shape[-2:]))
-        with capture(model, self.layer, start_graph=self.needs_grad) as cap:
+        with capture(model, self.layer, start_graph=need_grad) as cap:
             with torch.no_grad():  # the trunk up to the layer records no graph (see capture)
                 logits = model(x.detach())
             if cap.activation is None:
@@ -172,7 +217,7 @@ class CAMMethod(Method):
             check_target(tgt, logits.shape[1])
             acts = cap.activation
             grads = None
-            if self.needs_grad:
+            if need_grad:
                 with torch.enable_grad():
                     score = logits.gather(1, tgt[:, None]).sum()
                     (grads,) = torch.autograd.grad(score, acts)
@@ -180,5 +225,9 @@ class CAMMethod(Method):
         if acts.dim() == 3:  # ViT tokens [B, N, D] -> [B, D, h, w]
             acts = tokens_to_grid(acts)
             grads = tokens_to_grid(grads) if grads is not None else None
-        cam = F.relu(self.combine(acts.float(), grads.float() if grads is not None else None))
-        return Explanation(upsample(cam, tuple(x.shape[-2:])), logits.detach())
+        return acts.float(), (grads.float() if grads is not None else None), logits.detach(), tgt
+
+    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
+        acts, grads, logits, _ = self.forward_backward(model, x, target)
+        cam = F.relu(self.combine(acts, grads))
+        return Explanation(upsample(cam, tuple(x.shape[-2:])), logits)

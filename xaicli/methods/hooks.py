@@ -84,3 +84,75 @@ def count_hooks(model: nn.Module) -> int:
         ):
             n += len(d)
     return n
+
+
+# --------------------------------------------------------------------------------------------
+# Module inputs/outputs (CAM head check) and guided ReLU backward (Guided Backprop)
+# --------------------------------------------------------------------------------------------
+class IOCapture:
+    """What `capture_io` saw: the first input and the output of a module (last forward)."""
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+
+@contextmanager
+def capture_io(model: nn.Module, layer: str) -> Iterator[IOCapture]:
+    """Record the first positional input and the output of `model.<layer>`; read-only."""
+    module = get_module(model, layer)
+    cap = IOCapture()
+
+    def hook(_mod, inp, out):
+        cap.input = inp[0] if inp else None
+        cap.output = out[0] if isinstance(out, tuple | list) else out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield cap
+    finally:
+        handle.remove()
+
+
+#: activation modules whose backward pass Guided Backprop gates (ReLU family only: the rule
+#: 1[x>0]·1[R>0]·R is defined for piecewise-linear rectifiers; functional F.relu is not seen)
+GUIDED_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+
+class _PositiveGradGate(torch.autograd.Function):
+    """Identity forward (a copy, so later in-place ops cannot touch the rectifier's output);
+    backward keeps only positive incoming gradient. Placed right after a ReLU, the chain gives
+    R_in = 1[x>0] · 1[R_out>0] · R_out (the ReLU's own backward supplies 1[x>0])."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(min=0)
+
+
+@contextmanager
+def guided_relu(model: nn.Module) -> Iterator[int]:
+    """Guided-backprop backward for every ReLU/ReLU6 module while the block is open.
+
+    The modules themselves are not touched (their `inplace` flag and forward stay as they
+    are): a forward hook appends a positive-gradient gate to each rectifier's output. Yields
+    the number of gated modules; every hook is removed on any exit.
+    """
+    handles = []
+
+    def hook(_mod, _inp, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            return _PositiveGradGate.apply(out)
+        return None
+
+    try:
+        for m in model.modules():
+            if isinstance(m, GUIDED_ACTIVATIONS):
+                handles.append(m.register_forward_hook(hook))
+        yield len(handles)
+    finally:
+        for h in handles:
+            h.remove()

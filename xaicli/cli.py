@@ -74,6 +74,16 @@ def explain(
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per batch (default 8)."),
     workers: int | None = typer.Option(None, help="DataLoader decode workers (default 2)."),
     colormap: str | None = typer.Option(None, help="Matplotlib colormap for the overlays (default jet)."),
+    metrics: str | None = typer.Option(
+        None,
+        "--metrics",
+        help="Also compute metrics in the batch loop, comma-separated (e.g. deletion,insertion,avg-drop); "
+        "writes OUT/metrics.csv, metrics_summary.csv and curve PNGs. See `xai metrics`.",
+    ),
+    against: str | None = typer.Option(None, "--against", help="Method the `win` metric compares with."),
+    annotations: Path | None = typer.Option(
+        None, "--annotations", help="Bounding boxes (CSV, JSON or Pascal VOC XML) for the localization metrics."
+    ),
     force: bool = typer.Option(
         False, "--force", help="Redo every image (and replace the outputs of a different config)."
     ),
@@ -113,6 +123,9 @@ def explain(
         "batch_size": batch_size,
         "workers": workers,
         "colormap": colormap,
+        "metrics": metrics,
+        "against": against,
+        "annotations": str(annotations) if annotations else None,
     }
     cfg = build_config(config, overrides)
     progress = None if quiet else RichProgress(err_console)
@@ -129,6 +142,8 @@ def explain(
         raise typer.Exit(0)
     if not quiet:
         _print_summary(summary)
+        if summary.metrics is not None:
+            _print_metrics(summary.metrics)
     if summary.failed:
         err_console.print(f"[yellow]{summary.failed} image(s) failed; see {summary.out / 'errors.csv'}[/]")
     if summary.flagged:
@@ -168,6 +183,91 @@ def _print_summary(s) -> None:
         t.add_row(f"  {k}", f"{v:.2f} s on the device")
     t.add_row("outputs", str(s.out.resolve()))
     console.print(t)
+
+
+EVALUATE_EXIT_HELP = (
+    "Exit codes: 0 all done; 1 done, some images skipped (a map or the source image is missing or unreadable); "
+    "2 usage or config error; 130 interrupted."
+)
+
+
+@app.command(epilog=EVALUATE_EXIT_HELP)
+def evaluate(
+    out: Path | None = typer.Argument(
+        None, help="Output folder of `xai explain` (default ./xai-out, or the `output` of --config)."
+    ),
+    metric: str | None = typer.Option(
+        None,
+        "--metric",
+        help="Metric(s), comma-separated (default: the config's `metrics:`, else deletion,insertion). See `xai metrics`.",
+    ),
+    against: str | None = typer.Option(None, "--against", help="Method of the run that `win` compares with."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML config: its `output`, `metrics:` (with parameters) and `annotations`."
+    ),
+    annotations: Path | None = typer.Option(
+        None, "--annotations", help="Bounding boxes (CSV, JSON or Pascal VOC XML) for the localization metrics."
+    ),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N (default: the run's)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
+):
+    """Score the maps of an output folder: OUT/metrics.csv, metrics_summary.csv and curve PNGs.
+
+    Reads only run.yaml, explanations.csv and OUT/<method>/<image>.npy; rebuilds the model from
+    run.yaml and re-reads the images.
+
+    Examples:
+
+      xai evaluate out/ --metric deletion,insertion
+
+      xai evaluate out/ --metric win --against saliency
+    """
+    from .evaluate import run_evaluate
+    from .progress import RichProgress
+
+    res = run_evaluate(
+        out,
+        metric,
+        against=against,
+        config=config,
+        annotations=annotations,
+        device=device,
+        progress=None if quiet else RichProgress(err_console, "evaluating"),
+    )
+    if not quiet:
+        _print_metrics(res)
+    if res.skipped:
+        err_console.print(f"[yellow]{res.skipped} image(s) skipped (a map or the source image is missing)[/]")
+    raise typer.Exit(1 if res.skipped else 0)
+
+
+def _print_metrics(res) -> None:
+    t = Table(title=f"metrics ({res.out / 'metrics_summary.csv'})", title_justify="left")
+    for col in ("metric", "better", "method", "mean", "std", "n"):
+        t.add_column(
+            col, style="bold" if col == "metric" else None, justify="right" if col in ("mean", "std", "n") else "left"
+        )
+    for r in res.rows:
+        better = res.directions.get(r["metric"], "")
+        t.add_row(r["metric"], better, r["method"], f"{float(r['mean']):.4f}", f"{float(r['std']):.4f}", str(r["n"]))
+    Console().print(t)
+    for p in res.plots:
+        Console().print(f"plot: {p}", highlight=False)
+
+
+@app.command("metrics")
+def list_metrics():
+    """List the metrics with a one-line description and their parameters."""
+    from .metrics import METRICS
+
+    t = Table(title="metrics")
+    t.add_column("name", style="bold")
+    t.add_column("description")
+    t.add_column("parameters")
+    for name, cls in sorted(METRICS.items()):
+        params = ", ".join(f"{f.name}={f.default!r}" for f in cls.params())
+        t.add_row(name, cls.description, params)
+    Console().print(t)
 
 
 @app.command()

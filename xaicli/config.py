@@ -46,6 +46,34 @@ class MethodCfg(_Strict):
         return self.id or self.name
 
 
+class MetricCfg(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _named_list(v):
+    """'a,b' | [a, {name: b, param: 1}] | {name: ...} -> [{name, (id,) params}, ...]."""
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if isinstance(v, dict):
+        v = [v]
+    if not isinstance(v, list):
+        return v
+    out = []
+    for item in v:
+        if isinstance(item, dict) and "params" not in item:
+            item = dict(item)
+            d = {"name": item.pop("name", None), "params": item}
+            if "id" in item:
+                d["id"] = item.pop("id")
+            out.append(d)
+        elif isinstance(item, str):
+            out.append({"name": item})
+        else:
+            out.append(item)
+    return out
+
+
 class RunConfig(_Strict):
     model: ModelCfg = Field(default_factory=ModelCfg)
     methods: list[MethodCfg] = Field(default_factory=lambda: [MethodCfg(name="gradcam")], min_length=1)
@@ -58,6 +86,8 @@ class RunConfig(_Strict):
     colormap: str = "jet"
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     max_pixels: int = Field(178_956_970, gt=0)
+    metrics: list[MetricCfg] = Field(default_factory=list)  # computed in the batch loop (see docs/metrics.md)
+    annotations: str | None = None  # bounding boxes (CSV, JSON or Pascal VOC XML) for localization metrics
 
     # -- shorthand forms ---------------------------------------------------------------------
     @field_validator("model", mode="before")
@@ -89,6 +119,11 @@ class RunConfig(_Strict):
             else:
                 out.append(item)
         return out
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics(cls, v):
+        return _named_list(v)
 
     @field_validator("target")
     @classmethod
@@ -132,6 +167,24 @@ class RunConfig(_Strict):
             if "/" in m.key or m.key.startswith("."):
                 raise ValueError(f"methods[{i}]: id '{m.key}' must be a plain folder name")
             seen.add(m.key)
+        from .metrics import build_metric
+
+        names = set()
+        for i, mc in enumerate(self.metrics):
+            try:
+                met = build_metric(mc.name, **mc.params)
+            except XaiError as e:
+                raise ValueError(f"metrics[{i}]: {e}") from None
+            if mc.name in names:
+                raise ValueError(f"metrics[{i}]: '{mc.name}' appears twice")
+            names.add(mc.name)
+            against = getattr(met, "against", None)
+            if "reference" in met.needs and against is None:
+                raise ValueError(f"metrics[{i}]: '{mc.name}' needs `against: METHOD` (one of: {', '.join(seen)})")
+            if against is not None and against not in seen:
+                raise ValueError(
+                    f"metrics[{i}]: against '{against}' is not a method of this run (one of: {', '.join(seen)})"
+                )
         return self
 
 
@@ -195,6 +248,8 @@ def _rebase(data: dict, base: Path) -> dict:
         d["input"] = {**d["input"], "path": fix(d["input"]["path"])}
     if isinstance(d.get("output"), str):
         d["output"] = fix(d["output"])
+    if isinstance(d.get("annotations"), str):
+        d["annotations"] = fix(d["annotations"])
     if isinstance(d.get("target"), str) and d["target"] != "predicted" and not d["target"].strip().isdigit():
         d["target"] = fix(d["target"])
     if isinstance(d.get("model"), dict):
@@ -224,6 +279,12 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
             m = {"name": m} if isinstance(m, str) else dict(m)
             m[key.split(".", 1)[1]] = val
             data["model"] = m
+        elif key == "metrics" and isinstance(val, str):
+            # --metrics NAMES: the config's parameters for the names it lists, defaults for the others
+            by_name = {d["name"]: d for d in _named_list(data.get("metrics") or []) or [] if isinstance(d, dict)}
+            data["metrics"] = [by_name.get(d["name"], d) for d in _named_list(val)]
+        elif key == "against":
+            data["metrics"] = with_against(data.get("metrics") or [], val)
         elif key == "input" and isinstance(data.get("input"), dict):
             data["input"] = {**data["input"], "path": val}
         else:
@@ -241,7 +302,21 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
     return cfg
 
 
+def with_against(metrics, against: str) -> list:
+    """Set `against` on the metrics that compare two methods (win)."""
+    from .metrics import METRICS
+
+    out = []
+    for item in _named_list(metrics) or []:
+        cls = METRICS.get(item.get("name")) if isinstance(item, dict) else None
+        if cls is not None and "reference" in cls.needs:
+            item = {**item, "params": {**item.get("params", {}), "against": against}}
+        out.append(item)
+    return out
+
+
 def dump_config(cfg: RunConfig) -> dict:
     d = cfg.model_dump(mode="json")
     d["methods"] = [{"name": m.name, **({"id": m.id} if m.id else {}), **m.params} for m in cfg.methods]
+    d["metrics"] = [{"name": m.name, **m.params} for m in cfg.metrics]
     return d

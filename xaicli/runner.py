@@ -21,6 +21,7 @@ import torch
 from .config import RunConfig, dump_config
 from .data import Discovery, ImageDataset, ImageItem, discover, make_loader, printable
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
+from .evaluate import start_metrics
 from .methods import build_method
 from .methods.base import Explanation, Method, eval_mode
 from .models import LoadedModel, load_model
@@ -51,6 +52,7 @@ class RunSummary:
     skipped: int = 0  # up to date from an earlier run (resume)
     flagged: int = 0  # (image, method) maps flagged nonfinite/oom in explanations.csv
     planned: list = field(default_factory=list)  # --dry-run: what would be done
+    metrics: object | None = None  # EvalSummary when the run computed metrics (--metrics)
 
     @property
     def exit_code(self) -> int:
@@ -334,6 +336,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     writer = Writer(out, write_failed)
     backoff = Backoff()
     ctx = _BatchContext(cfg, lm, methods, labels, device, writer, out, summary, plan.keys, backoff, log, disc)
+    ctx.metrics = start_metrics(cfg, lm, methods, out)  # None without --metrics
     if progress:
         progress.start(len(work))
     status = "error"
@@ -377,6 +380,8 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
             seconds=round(summary.seconds, 3),
             oom_backoffs=backoff.events,
         )
+    if ctx.metrics is not None:
+        summary.metrics = ctx.metrics.finish()
     return summary
 
 
@@ -398,6 +403,7 @@ class _BatchContext:
     backoff: Backoff
     log: JsonLog
     disc: Discovery
+    metrics: object = None  # MetricSession with --metrics (xaicli/evaluate.py)
 
 
 def _sync(device: torch.device) -> None:
@@ -416,11 +422,14 @@ def _explain_batch(ctx: _BatchContext, x_cpu, batch_items: list[ImageItem], orig
     else:
         target = None
     results = []
+    on_device = {}  # maps still on the device, for the metrics
     logits = None
     for key, meth in ctx.methods:
         _sync(device)
         t0 = time.perf_counter()
         expl, oom = _run_method(meth, model, x, target, ctx.backoff, ctx.log)
+        if ctx.metrics is not None:
+            on_device[key] = expl.maps.detach()
         maps = expl.maps.detach().float().cpu()  # one transfer per batch and method
         dt = time.perf_counter() - t0
         ctx.summary.method_seconds[key] = ctx.summary.method_seconds.get(key, 0.0) + dt
@@ -434,6 +443,9 @@ def _explain_batch(ctx: _BatchContext, x_cpu, batch_items: list[ImageItem], orig
     top_p, top_c = probs.max(dim=1)
     t_p = probs.gather(1, tgt[:, None])[:, 0]
     origs_np = [o.numpy() for o in origs]
+    if ctx.metrics is not None:
+        sizes = [(o.shape[1], o.shape[0]) for o in origs_np]
+        ctx.metrics.add_batch(model, x, on_device, tgt.to(device), batch_items, sizes)
     futures, rows = [], []
     n = len(batch_items)
     for key, maps, dt, extras, oom in results:

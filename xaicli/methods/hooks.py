@@ -53,6 +53,25 @@ def capture(model: nn.Module, layer: str, start_graph: bool = False) -> Iterator
         handle.remove()
 
 
+def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the modules holding parameters of their own, in the order a forward pass of `x`
+    runs them (registration order can differ); the hooks are removed before returning."""
+    order: list[str] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if any(True for _ in mod.parameters(recurse=False)):
+            handles.append(
+                mod.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n) if n not in order else None)
+            )
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
 def count_hooks(model: nn.Module) -> int:
     """Number of hooks of any kind on the model's modules (0 for a clean model)."""
     n = 0

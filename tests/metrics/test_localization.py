@@ -1,0 +1,114 @@
+"""Pointing game (15 px tolerance), energy pointing (x/y not swapped), box IoU, annotation files."""
+
+import json
+
+import pytest
+import torch
+
+from xaicli.errors import ConfigError
+from xaicli.metrics import build_metric
+from xaicli.metrics.localization import Annotations, largest_component_box, to_input_frame
+from xaicli.models import Preprocess
+
+H = W = 224
+
+
+def peak_map(r, c):
+    m = torch.zeros(1, H, W)
+    m[0, r, c] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("gap, hit", [(14.9, True), (15.0, True), (15.1, False)])
+def test_pointing_tolerance_is_15px(gap, hit):
+    # the maximum is pixel (row 100, col 100): its centre is (100.5, 100.5)
+    pg = build_metric("pointing-game")
+    right = torch.tensor([[100.5 + gap, 0.0, 200.0, 224.0]])  # a box `gap` px to the right
+    assert pg(None, None, peak_map(100, 100), None, boxes=[right])["pointing-game"].item() == (100.0 if hit else 0.0)
+    if gap == 15.0:
+        return  # exactly on the circle: only exact along an axis in float32
+    # diagonal: dx = dy = gap / sqrt(2) -> Euclidean distance = gap (not the L-inf or L1 distance)
+    d = gap / 2**0.5
+    diag = torch.tensor([[100.5 + d, 100.5 + d, 220.0, 220.0]])
+    assert pg(None, None, peak_map(100, 100), None, boxes=[diag])["pointing-game"].item() == (100.0 if hit else 0.0)
+
+
+def test_pointing_any_box_and_batch():
+    pg = build_metric("pointing-game", tolerance=0)
+    maps = torch.cat([peak_map(10, 200), peak_map(200, 10)])
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [190.0, 0.0, 224.0, 30.0]]), torch.tensor([[0.0, 0.0, 20.0, 20.0]])]
+    assert pg(None, None, maps, None, boxes=boxes)["pointing-game"].tolist() == [100.0, 0.0]
+
+
+def test_energy_pointing_wide_box_catches_swapped_axes():
+    # a wide, short box: x 20..200, y 40..60; all the map's energy lies exactly inside it
+    box = torch.tensor([[20.0, 40.0, 200.0, 60.0]])
+    m = torch.zeros(1, H, W)
+    m[0, 40:60, 20:200] = 1.0  # rows = y, cols = x
+    e = build_metric("energy-pointing")(None, None, m, None, boxes=[box])["energy-pointing"].item()
+    assert e == pytest.approx(1.0)
+    # the same box read as [x1:x2, y1:y2] (rows 20..200, cols 40..60) would hold only 20*20/(180*20)
+    swapped = torch.zeros(1, H, W)
+    swapped[0, 20:200, 40:60] = 1.0
+    e2 = build_metric("energy-pointing")(None, None, swapped, None, boxes=[box])["energy-pointing"].item()
+    assert e2 == pytest.approx(20 * 20 / (180 * 20))
+    # negative values carry no energy; an all-zero map scores 0, not NaN
+    z = build_metric("energy-pointing")(None, None, -m, None, boxes=[box])["energy-pointing"]
+    assert z.item() == 0.0
+
+
+def test_largest_component_box_8_connected():
+    mask = torch.zeros(1, 50, 60, dtype=torch.bool)
+    mask[0, 5:8, 5:8] = True  # small blob: 9 px
+    # a diagonal chain of 12 px: connected only through corners (8-connectivity)
+    for i in range(12):
+        mask[0, 20 + i, 30 + i] = True
+    assert largest_component_box(mask).tolist() == [[30.0, 20.0, 42.0, 32.0]]
+    assert largest_component_box(torch.zeros(1, 5, 5, dtype=torch.bool)).tolist() == [[0.0, 0.0, 0.0, 0.0]]
+
+
+def test_box_localization_iou():
+    m = torch.zeros(2, H, W)
+    m[:, 50:100, 60:160] = 1.0  # the big blob: x 60..160, y 50..100
+    m[:, 200:205, 200:205] = 5.0  # a small but stronger blob elsewhere
+    # threshold 0.15 * 5 = 0.75: both blobs pass; the larger one gives the box
+    gt = [torch.tensor([[60.0, 50.0, 160.0, 100.0]]), torch.tensor([[0.0, 0.0, 30.0, 30.0]])]
+    res = build_metric("box-loc")(None, None, m, None, boxes=gt)
+    assert res["box-iou"].tolist() == pytest.approx([1.0, 0.0])
+    assert res["box-loc"].tolist() == [100.0, 0.0]
+    # a high threshold keeps only the strong small blob
+    res = build_metric("box-loc", threshold=0.5)(None, None, m, None, boxes=gt)
+    assert res["box-loc"].tolist() == [0.0, 0.0]
+
+
+def test_boxes_map_from_original_pixels_into_the_crop():
+    pre = Preprocess((224, 224), 256)
+    # 512 x 1024 (w x h, portrait): resize to 256 x 512, crop 224 at left 16, top 144 -> scale 0.5
+    crop = pre.crop_box(512, 1024)
+    assert crop == pytest.approx((32.0, 288.0, 480.0, 736.0))
+    b = to_input_frame(torch.tensor([[132.0, 328.0, 152.0, 388.0], [0.0, 0.0, 10.0, 10.0]]), crop, (224, 224))
+    assert b.tolist() == [[50.0, 20.0, 60.0, 50.0]]  # the second box lies outside the crop: dropped
+
+
+def test_annotation_files(tmp_path):
+    (tmp_path / "b.csv").write_text(
+        "image,x1,y1,x2,y2,label\ncats/a,1,2,30,40,cat\ncats/a,5,5,9,9,cat\nb.jpg,0,0,1,1,x\n"
+    )
+    ann = Annotations.load(tmp_path / "b.csv")
+    assert ann.lookup("cats/a", tmp_path / "cats" / "a.png") == [(1, 2, 30, 40), (5, 5, 9, 9)]
+    assert ann.lookup("b", tmp_path / "b.jpg") == [(0, 0, 1, 1)]
+    assert ann.lookup("zzz", tmp_path / "zzz.jpg") is None
+    (tmp_path / "b.json").write_text(json.dumps({"a": [[1, 2, 3, 4]], "c.png": [1, 1, 2, 2]}))
+    ann = Annotations.load(tmp_path / "b.json")
+    assert ann.lookup("a", None) == [(1, 2, 3, 4)] and ann.lookup("c", tmp_path / "c.png") == [(1, 1, 2, 2)]
+    (tmp_path / "v.xml").write_text(
+        "<annotation><filename>dog.jpg</filename><object><name>dog</name>"
+        "<bndbox><xmin>11</xmin><ymin>21</ymin><xmax>50</xmax><ymax>60</ymax></bndbox></object></annotation>"
+    )
+    assert Annotations.load(tmp_path / "v.xml").lookup("dog", tmp_path / "dog.jpg") == [(10, 20, 50, 60)]
+    (tmp_path / "bad.csv").write_text("image,x,y\na,1,2\n")
+    with pytest.raises(ConfigError, match="needs a header"):
+        Annotations.load(tmp_path / "bad.csv")
+    (tmp_path / "inv.csv").write_text("image,x1,y1,x2,y2\na,10,10,5,20\n")
+    with pytest.raises(ConfigError, match="x2 > x1"):
+        Annotations.load(tmp_path / "inv.csv")

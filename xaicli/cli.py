@@ -255,19 +255,25 @@ def _print_metrics(res) -> None:
         Console().print(f"plot: {p}", highlight=False)
 
 
+def _registry_table(title: str, registry: dict) -> Table:
+    t = Table(title=title)
+    t.add_column("name", style="bold")
+    t.add_column("description")
+    t.add_column("parameters")
+    for name, cls in sorted(registry.items()):
+        params = ", ".join(
+            f"{f.name}={f.default_factory() if f.default_factory is not MISSING else f.default!r}" for f in cls.params()
+        )
+        t.add_row(name, cls.description, params)
+    return t
+
+
 @app.command("metrics")
 def list_metrics():
     """List the metrics with a one-line description and their parameters."""
     from .metrics import METRICS
 
-    t = Table(title="metrics")
-    t.add_column("name", style="bold")
-    t.add_column("description")
-    t.add_column("parameters")
-    for name, cls in sorted(METRICS.items()):
-        params = ", ".join(f"{f.name}={f.default!r}" for f in cls.params())
-        t.add_row(name, cls.description, params)
-    Console().print(t)
+    Console().print(_registry_table("metrics", METRICS))
 
 
 @app.command()
@@ -275,58 +281,7 @@ def methods():
     """List the attribution methods with a one-line description and their parameters."""
     from .methods import METHODS
 
-    t = Table(title="methods")
-    t.add_column("name", style="bold")
-    t.add_column("description")
-    t.add_column("parameters")
-    for name, cls in sorted(METHODS.items()):
-        params = ", ".join(
-            f"{f.name}={f.default_factory() if f.default_factory is not MISSING else f.default!r}" for f in cls.params()
-        )
-        t.add_row(name, cls.description, params)
-    Console().print(t)
-
-
-@app.command()
-def visualize(
-    cls: int = typer.Option(..., "--class", "-k", help="Class index whose logit is maximised (e.g. 285)."),
-    model: str = typer.Option("default", help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
-    weights: str | None = typer.Option(None, help="default | none | a weights name/tag | a local checkpoint."),
-    out: Path = typer.Option(Path("xai-out"), "--out", "-o", help="Output folder (default ./xai-out)."),
-    steps: int = typer.Option(200, help="Gradient-ascent steps."),
-    lr: float = typer.Option(1.0, help="Step size in normalised input units."),
-    l2: float = typer.Option(1e-3, "--l2", help="L2 regularisation weight lambda of ||I||^2."),
-    jitter: bool = typer.Option(False, help="Randomly shift the image by up to 4 px each step."),
-    blur: bool = typer.Option(False, help="Blur the image lightly (sigma 0.5 px) every 4 steps."),
-    device: str = typer.Option("auto", help="auto (default), cpu, cuda, cuda:N."),
-):
-    """Class model visualisation (Simonyan 2013): the image that maximises a class logit.
-
-    Writes OUT/visualize/class_<c>.png and appends a row to OUT/visualizations.csv.
-    """
-    from .methods.visualize import visualize_class, write_visualization
-    from .models import load_model
-    from .runner import resolve_device
-
-    lm = load_model(model, weights, device=resolve_device(device))
-    pre = lm.preprocess
-    vis = visualize_class(
-        lm.model,
-        cls,
-        pre.mean,
-        pre.std,
-        pre.input_size,
-        steps=steps,
-        lr=lr,
-        l2=l2,
-        jitter=4 if jitter else 0,
-        blur_sigma=0.5 if blur else 0.0,
-    )
-    png = write_visualization(out, vis, lm.label(cls), l2, lr)
-    Console().print(
-        f"class {cls} ({lm.label(cls)}): logit {vis.initial_logit:.3f} -> {vis.final_logit:.3f}, "
-        f"probability {vis.final_prob:.4f}; wrote {png}"
-    )
+    Console().print(_registry_table("methods", METHODS))
 
 
 @app.command()

@@ -103,22 +103,7 @@ class RunConfig(_Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, v):
-        if isinstance(v, str):
-            v = [s.strip() for s in v.split(",") if s.strip()]
-        if isinstance(v, dict):
-            v = [v]
-        if not isinstance(v, list):
-            return v
-        out = []
-        for item in v:
-            if isinstance(item, dict) and "params" not in item:
-                item = dict(item)
-                out.append({"name": item.pop("name", None), "id": item.pop("id", None), "params": item})
-            elif isinstance(item, str):
-                out.append({"name": item})
-            else:
-                out.append(item)
-        return out
+        return _named_list(v)
 
     @field_validator("metrics", mode="before")
     @classmethod

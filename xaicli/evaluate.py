@@ -306,7 +306,7 @@ def run_evaluate(
     from .data import ImageDataset, ImageItem, discover, make_loader
     from .methods import build_method
     from .methods.base import eval_mode
-    from .models import load_model
+    from .models.registry import load_model_cfg
     from .runner import resolve_device
 
     t0 = time.perf_counter()
@@ -367,13 +367,7 @@ def run_evaluate(
         raise InputError(f"{out}: no image has maps of every method ({', '.join(keys)}) and a readable source file")
 
     dev = resolve_device(device or run_cfg.device)
-    lm = load_model(
-        run_cfg.model.name,
-        run_cfg.model.weights,
-        num_classes=run_cfg.model.num_classes,
-        class_names=run_cfg.model.class_names,
-        device=dev,
-    )
+    lm = load_model_cfg(run_cfg.model, dev)
     method_objs = {}
     for mc in run_cfg.methods:
         meth = build_method(mc.name, **mc.params)

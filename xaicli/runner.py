@@ -24,7 +24,8 @@ from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from .evaluate import start_metrics
 from .methods import build_method
 from .methods.base import Explanation, Method, eval_mode
-from .models import LoadedModel, load_model
+from .models import LoadedModel
+from .models.registry import load_model_cfg
 from .outputs import (
     ERROR_FIELDS,
     EXPLANATION_FIELDS,
@@ -288,13 +289,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     plan = make_plan(out, items, cfg, chash, opts.force)
     todo = plan.limited(opts.limit)
     device = resolve_device(cfg.device)
-    lm = load_model(
-        cfg.model.name,
-        cfg.model.weights,
-        num_classes=cfg.model.num_classes,
-        class_names=cfg.model.class_names,
-        device=device,
-    )
+    lm = load_model_cfg(cfg.model, device)
     methods = build_methods(cfg, lm)
     labels = None
     if isinstance(cfg.target, str) and cfg.target != "predicted":

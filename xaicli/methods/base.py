@@ -16,24 +16,15 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from ..errors import MethodError
+from ..registry import build_registered, public_fields, registrar
 
 METHODS: dict[str, type[Method]] = {}
 
 
-def register(name: str, description: str):
-    """Class decorator: register a Method dataclass under `name` with a one-line description."""
-
-    def deco(cls):
-        cls.name = name
-        cls.description = description
-        METHODS[name] = cls
-        return cls
-
-    return deco
+register = registrar(METHODS)  # @register(name, one-line description) on a Method dataclass
 
 
 @dataclass
@@ -132,25 +123,12 @@ class Method:
 
     @classmethod
     def params(cls) -> list[dataclasses.Field]:
-        return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+        return public_fields(cls)
 
 
 def build_method(name: str, **params) -> Method:
     """Validate `params` against the method's dataclass fields and build it."""
-    if name not in METHODS:
-        raise MethodError(f"unknown method '{name}' (allowed: {', '.join(sorted(METHODS))})")
-    cls = METHODS[name]
-    allowed = {f.name for f in cls.params()}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        shown = ", ".join(sorted(allowed)) or "none"
-        raise MethodError(f"method '{name}': unknown parameter '{unknown[0]}' (allowed: {shown})")
-    try:
-        return TypeAdapter(cls).validate_python(params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise MethodError(f"method '{name}': parameter '{loc}': {err['msg']} (got {err.get('input')!r})") from e
+    return build_registered(METHODS, "method", name, params, MethodError)
 
 
 def explain(model, x: Tensor, method: str | Method = "gradcam", target=None, **params) -> Tensor:

@@ -19,10 +19,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..registry import build_registered, public_fields, registrar
 
 METRICS: dict[str, type[Metric]] = {}
 
@@ -30,16 +30,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def register(name: str, description: str):
-    """Class decorator: register a Metric dataclass under `name` with a one-line description."""
-
-    def deco(cls):
-        cls.name = name
-        cls.description = description
-        METRICS[name] = cls
-        return cls
-
-    return deco
+register = registrar(METRICS)  # @register(name, one-line description) on a Metric dataclass
 
 
 @dataclass
@@ -76,7 +67,7 @@ class Metric:
 
     @classmethod
     def params(cls) -> list[dataclasses.Field]:
-        return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+        return public_fields(cls)
 
     # -- helpers in normalised / pixel space -----------------------------------------------
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,20 +88,7 @@ def direction_of(name: str) -> str:
 
 def build_metric(name: str, **params) -> Metric:
     """Validate `params` against the metric's dataclass fields and build it."""
-    if name not in METRICS:
-        raise ConfigError(f"unknown metric '{name}' (allowed: {', '.join(sorted(METRICS))})")
-    cls = METRICS[name]
-    allowed = {f.name for f in cls.params()}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        shown = ", ".join(sorted(allowed)) or "none"
-        raise ConfigError(f"metric '{name}': unknown parameter '{unknown[0]}' (allowed: {shown})")
-    try:
-        return TypeAdapter(cls).validate_python(params)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"metric '{name}': parameter '{loc}': {err['msg']} (got {err.get('input')!r})") from None
+    return build_registered(METRICS, "metric", name, params, ConfigError)
 
 
 # --------------------------------------------------------------------------------------------

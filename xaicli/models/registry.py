@@ -234,3 +234,10 @@ def load_model(
     model.eval()
     n = _num_outputs(model)
     return LoadedModel(model.to(device), pre, _class_names(n, class_names), spec, weights)
+
+
+def load_model_cfg(mcfg, device: str | torch.device = "cpu") -> LoadedModel:
+    """load_model from a config's `model:` section (config.ModelCfg)."""
+    return load_model(
+        mcfg.name, mcfg.weights, num_classes=mcfg.num_classes, class_names=mcfg.class_names, device=device
+    )

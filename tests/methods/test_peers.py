@@ -110,19 +110,12 @@ def _grad_cam_peer(cls_name: str, net: nn.Module, x: torch.Tensor, t: torch.Tens
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
 
 
-def test_gradcam_vs_pytorch_grad_cam(setup):
+@pytest.mark.parametrize("ours, theirs_cls", [("gradcam", "GradCAM"), ("gradcampp", "GradCAMPlusPlus")])
+def test_cam_vs_pytorch_grad_cam(setup, ours, theirs_cls):
     lm, x, t = setup
-    theirs = _grad_cam_peer("GradCAM", lm.model, x, t)
-    rho = per_image(explain(lm, x, "gradcam", target=t, layer="bn2"), theirs)
-    print("gradcam vs pytorch-grad-cam", rho)
-    assert min(rho) >= RHO
-
-
-def test_gradcampp_vs_pytorch_grad_cam(setup):
-    lm, x, t = setup
-    theirs = _grad_cam_peer("GradCAMPlusPlus", lm.model, x, t)
-    rho = per_image(explain(lm, x, "gradcampp", target=t, layer="bn2"), theirs)
-    print("gradcampp vs pytorch-grad-cam", rho)
+    theirs = _grad_cam_peer(theirs_cls, lm.model, x, t)
+    rho = per_image(explain(lm, x, ours, target=t, layer="bn2"), theirs)
+    print(f"{ours} vs pytorch-grad-cam", rho)
     assert min(rho) >= RHO
 
 

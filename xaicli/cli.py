@@ -285,6 +285,48 @@ def methods():
 
 
 @app.command()
+def visualize(
+    cls: int = typer.Option(..., "--class", "-k", help="Class index whose logit is maximised (e.g. 285)."),
+    model: str = typer.Option("default", help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
+    weights: str | None = typer.Option(None, help="default | none | a weights name/tag | a local checkpoint."),
+    out: Path = typer.Option(Path("xai-out"), "--out", "-o", help="Output folder (default ./xai-out)."),
+    steps: int = typer.Option(200, help="Gradient-ascent steps."),
+    lr: float = typer.Option(1.0, help="Step size in normalised input units."),
+    l2: float = typer.Option(1e-3, "--l2", help="L2 regularisation weight lambda of ||I||^2."),
+    jitter: bool = typer.Option(False, help="Randomly shift the image by up to 4 px each step."),
+    blur: bool = typer.Option(False, help="Blur the image lightly (sigma 0.5 px) every 4 steps."),
+    device: str = typer.Option("auto", help="auto (default), cpu, cuda, cuda:N."),
+):
+    """Class model visualisation (Simonyan 2013): the image that maximises a class logit.
+
+    Writes OUT/visualize/class_<c>.png and appends a row to OUT/visualizations.csv.
+    """
+    from .methods.visualize import visualize_class, write_visualization
+    from .models import load_model
+    from .runner import resolve_device
+
+    lm = load_model(model, weights, device=resolve_device(device))
+    pre = lm.preprocess
+    vis = visualize_class(
+        lm.model,
+        cls,
+        pre.mean,
+        pre.std,
+        pre.input_size,
+        steps=steps,
+        lr=lr,
+        l2=l2,
+        jitter=4 if jitter else 0,
+        blur_sigma=0.5 if blur else 0.0,
+    )
+    png = write_visualization(out, vis, lm.label(cls), l2, lr)
+    Console().print(
+        f"class {cls} ({lm.label(cls)}): logit {vis.initial_logit:.3f} -> {vis.final_logit:.3f}, "
+        f"probability {vis.final_prob:.4f}; wrote {png}"
+    )
+
+
+@app.command()
 def models():
     """How to name a model: the embedded default, torchvision and timm classifiers, checkpoints."""
     t = Table(title="models")

@@ -220,11 +220,16 @@ def collate(samples: list[dict]) -> Batch:
 
 
 def _worker_init(_worker_id: int) -> None:
+    import signal
+
     # forked workers inherit the output lock's file descriptor; drop it so the lock dies with
     # the main process (kill -9) instead of living on in orphaned workers
     from .state import close_inherited_locks
 
     close_inherited_locks()
+    # `timeout`, systemd and cron stop the whole process group with SIGTERM: let the main process
+    # handle it (keep finished batches, exit 130); the DataLoader then shuts its workers down
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:

@@ -46,12 +46,8 @@ EXPLANATION_FIELDS = [
 ERROR_FIELDS = ["image", "path", "reason"]
 
 
-def method_dir(out: Path, method: str) -> Path:
-    return out / method
-
-
 def map_paths(out: Path, method: str, rel: str) -> tuple[Path, Path]:
-    base = method_dir(out, method) / rel
+    base = out / method / rel
     return base.with_name(base.name + ".png"), base.with_name(base.name + ".npy")
 
 

@@ -40,6 +40,13 @@ class TinyCNN(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
+def bind(spec, model, input_size=None, **ctx):
+    """A method spec bound to `model` (an nn.Module or a LoadedModel), as the engine binds it."""
+    from xaicli.methods import make_context
+
+    return spec.bind(make_context(model, input_size, **ctx))
+
+
 @pytest.fixture
 def tiny_cnn():
     return TinyCNN().eval()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from xaicli import explain
-from xaicli.methods.hooks import capture, count_hooks
+from xaicli.hooks import capture, count_hooks
 
 
 def test_no_hooks_left_after_runs(default_model, sample_batch):

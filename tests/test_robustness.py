@@ -24,8 +24,8 @@ from conftest import ROOT, SAMPLES, run_xai
 from xaicli.cli import main
 from xaicli.config import build_config
 from xaicli.errors import ConfigError, LockedError
+from xaicli.explain import RunOptions, run_explain
 from xaicli.outputs import TMP_PREFIX
-from xaicli.runner import RunOptions, run_explain
 from xaicli.state import OutputLock, config_hash, make_plan
 
 TIMING = {"seconds"}
@@ -284,18 +284,18 @@ def test_configurable_pixel_limit(tmp_path):
 
 
 def test_oom_halves_the_batch_and_finishes(tmp_path, monkeypatch):
-    from xaicli.methods.cam import GradCAM
+    from xaicli.methods.cam import BoundCAM
 
-    real = GradCAM.run
+    real = BoundCAM.compute
     seen = []
 
-    def fake_run(self, model, x, target):
+    def fake_run(self, x, target):
         seen.append(x.shape[0])
         if x.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(self, model, x, target)
+        return real(self, x, target)
 
-    monkeypatch.setattr(GradCAM, "run", fake_run)
+    monkeypatch.setattr(BoundCAM, "compute", fake_run)
     cfg = build_config(None, {"input": str(SAMPLES), "output": str(tmp_path / "o"), "batch_size": 6, "workers": 0})
     s = run_explain(cfg)
     assert s.done == 6 and s.failed == 0
@@ -306,12 +306,12 @@ def test_oom_halves_the_batch_and_finishes(tmp_path, monkeypatch):
 
 
 def test_oom_on_a_single_image_flags_it(tmp_path, monkeypatch):
-    from xaicli.methods.cam import GradCAM
+    from xaicli.methods.cam import BoundCAM
 
-    def always_oom(self, model, x, target):
+    def always_oom(self, x, target):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(GradCAM, "run", always_oom)
+    monkeypatch.setattr(BoundCAM, "compute", always_oom)
     cfg = build_config(None, {"input": str(SAMPLES / "chelsea.png"), "output": str(tmp_path / "o"), "workers": 0})
     run_explain(cfg)
     s = run_explain(cfg)
@@ -325,16 +325,16 @@ def test_oom_on_a_single_image_flags_it(tmp_path, monkeypatch):
 
 
 def test_nonfinite_maps_are_flagged_not_written(tmp_path, monkeypatch):
-    from xaicli.methods.gradient import Saliency
+    from xaicli.methods.gradient import BoundGradient
 
-    real = Saliency.run
+    real = BoundGradient.compute
 
-    def nan_first(self, model, x, target):
-        e = real(self, model, x, target)
+    def nan_first(self, x, target):
+        e = real(self, x, target)
         e.maps[0, 3, 3] = float("nan")
         return e
 
-    monkeypatch.setattr(Saliency, "run", nan_first)
+    monkeypatch.setattr(BoundGradient, "compute", nan_first)
     cfg = build_config(
         None,
         {"input": str(SAMPLES), "output": str(tmp_path / "o"), "methods": "saliency", "batch_size": 8, "workers": 0},

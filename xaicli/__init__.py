@@ -31,8 +31,8 @@ def run(config, progress: bool = True, **options):
     options: force, wait, dry_run, limit, shard (see `xai explain --help`). Returns a RunSummary.
     """
     from .config import RunConfig, build_config
+    from .explain import RunOptions, run_explain
     from .progress import TqdmProgress
-    from .runner import RunOptions, run_explain
 
     if isinstance(config, RunConfig):
         cfg = config

@@ -1,4 +1,4 @@
-"""`xai` command line: parse flags, build a RunConfig, call the runner, map errors to exit codes.
+"""`xai` command line: parse flags, build a RunConfig, call the engine wirings, map errors to exit codes.
 
 No logic lives here beyond that.
 """
@@ -108,8 +108,8 @@ def explain(
       xai explain --config configs/nightly.yaml
     """
     from .config import build_config
+    from .explain import RunOptions, run_explain
     from .progress import RichProgress
-    from .runner import RunOptions, run_explain
 
     overrides = {
         "input": inputs,
@@ -187,7 +187,7 @@ def _print_summary(s) -> None:
 
 EVALUATE_EXIT_HELP = (
     "Exit codes: 0 all done; 1 done, some images skipped (a map or the source image is missing or unreadable); "
-    "2 usage or config error; 130 interrupted."
+    "2 usage or config error; 3 output folder locked by another run; 4 internal or I/O error; 130 interrupted."
 )
 
 
@@ -209,12 +209,15 @@ def evaluate(
         None, "--annotations", help="Bounding boxes (CSV, JSON or Pascal VOC XML) for the localization metrics."
     ),
     device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N (default: the run's)."),
+    wait: bool = typer.Option(
+        False, "--wait", help="If another run holds the output folder, wait for it (else exit 3)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
 ):
     """Score the maps of an output folder: OUT/metrics.csv, metrics_summary.csv and curve PNGs.
 
-    Reads only run.yaml, explanations.csv and OUT/<method>/<image>.npy; rebuilds the model from
-    run.yaml and re-reads the images.
+    Reads only run.yaml, explanations.csv and OUT/<method>/<image>.npy (xaicli.reader.RunFolder);
+    rebuilds the model from run.yaml and re-reads the images. Holds the folder's lock like explain.
 
     Examples:
 
@@ -225,15 +228,18 @@ def evaluate(
     from .evaluate import run_evaluate
     from .progress import RichProgress
 
-    res = run_evaluate(
-        out,
-        metric,
-        against=against,
-        config=config,
-        annotations=annotations,
-        device=device,
-        progress=None if quiet else RichProgress(err_console, "evaluating"),
-    )
+    with interruptible():
+        res = run_evaluate(
+            out,
+            metric,
+            against=against,
+            config=config,
+            annotations=annotations,
+            device=device,
+            progress=None if quiet else RichProgress(err_console, "evaluating"),
+            wait=wait,
+            on_wait=lambda holder: err_console.print(f"waiting for the run that holds the folder ({holder})"),
+        )
     if not quiet:
         _print_metrics(res)
     if res.skipped:
@@ -303,7 +309,7 @@ def visualize(
     """
     from .methods.visualize import visualize_class, write_visualization
     from .models import load_model
-    from .runner import resolve_device
+    from .models.registry import resolve_device
 
     lm = load_model(model, weights, device=resolve_device(device))
     pre = lm.preprocess

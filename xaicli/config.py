@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, XaiError
 
@@ -88,6 +88,11 @@ class RunConfig(_Strict):
     max_pixels: int = Field(178_956_970, gt=0)
     metrics: list[MetricCfg] = Field(default_factory=list)  # computed in the batch loop (see docs/metrics.md)
     annotations: str | None = None  # bounding boxes (CSV, JSON or Pascal VOC XML) for localization metrics
+    _specs: list = PrivateAttr(default_factory=list)  # (key, MethodSpec), built once by validation
+
+    def specs(self) -> list:
+        """[(key, MethodSpec)] of the methods, as validation built them (each spec is built once)."""
+        return list(self._specs)
 
     # -- shorthand forms ---------------------------------------------------------------------
     @field_validator("model", mode="before")
@@ -141,10 +146,10 @@ class RunConfig(_Strict):
     def _methods_exist(self):
         from .methods import build_method
 
-        seen = set()
+        seen, specs = set(), []
         for i, m in enumerate(self.methods):
             try:
-                build_method(m.name, **m.params)
+                specs.append((m.key, build_method(m.name, **m.params)))
             except XaiError as e:
                 raise ValueError(f"methods[{i}]: {e}") from None
             if m.key in seen:
@@ -170,6 +175,7 @@ class RunConfig(_Strict):
                 raise ValueError(
                     f"metrics[{i}]: against '{against}' is not a method of this run (one of: {', '.join(seen)})"
                 )
+        self._specs = specs
         return self
 
 
@@ -237,6 +243,8 @@ def _rebase(data: dict, base: Path) -> dict:
         d["annotations"] = fix(d["annotations"])
     if isinstance(d.get("target"), str) and d["target"] != "predicted" and not d["target"].strip().isdigit():
         d["target"] = fix(d["target"])
+    if d.get("methods") is not None:
+        d["methods"] = _rebase_method_paths(_named_list(d["methods"]), fix)
     if isinstance(d.get("model"), dict):
         m = dict(d["model"])
         for k in ("class_names",):
@@ -247,6 +255,32 @@ def _rebase(data: dict, base: Path) -> dict:
             m["weights"] = fix(w)
         d["model"] = m
     return d
+
+
+def _rebase_method_paths(methods, fix):
+    """Method parameters that name files (IG's image baseline, also inside smoothgrad's
+    base_params) are relative to the config file too; the spec says which (MethodSpec.file_params)."""
+    from .methods import METHODS
+
+    if not isinstance(methods, list):
+        return methods
+    out = []
+    for item in methods:
+        cls = METHODS.get(item.get("name")) if isinstance(item, dict) else None
+        params = item.get("params") if isinstance(item, dict) else None
+        if cls is None or not isinstance(params, dict):
+            out.append(item)
+            continue
+        params = {**params}
+        for dotted, value in cls.file_params(params).items():
+            *parents, leaf = dotted.split(".")
+            d = params
+            for k in parents:
+                d[k] = dict(d[k])
+                d = d[k]
+            d[leaf] = fix(value)
+        out.append({**item, "params": params})
+    return out
 
 
 def build_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import glob as globmod
 import os
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import InputError
+from .images import DEFAULT_MAX_PIXELS, load_image
+from .locks import close_inherited_locks
 from .models.preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-DEFAULT_MAX_PIXELS = 178_956_970  # PIL's hard limit (2 x MAX_IMAGE_PIXELS): bigger is a decompression bomb
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,19 @@ class Discovery:
 def printable(s: str) -> str:
     """A file name that is not valid UTF-8 (surrogate escapes) -> valid text with U+FFFD."""
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def side_keys(rel: str, path: Path | str | None, root: Path | None = None) -> list[str]:
+    """The names under which a side file (labels CSV, annotations) may list an image, in order of
+    preference: its output key (relative path without extension), the relative path with its
+    extension, the file name, the file stem. One rule for every side file."""
+    keys = [rel]
+    if path is not None:
+        p = Path(path)
+        if root is not None and p.is_relative_to(root):
+            keys.append(p.relative_to(root).as_posix())
+        keys += [rel + p.suffix, p.name, p.stem]
+    return list(dict.fromkeys(keys))
 
 
 def _has_glob(s: str) -> bool:
@@ -135,58 +147,22 @@ def discover(spec: str | Path, recursive: bool = True, extensions=IMAGE_EXTENSIO
 # ------------------------------------------------------------------------------------------
 # decoding
 # ------------------------------------------------------------------------------------------
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit scaled (not clipped), alpha composited over white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if a.max(initial=0) > 255 else 255.0
-        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-        return Image.fromarray((a * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    if img.mode != "RGB":
-        return img.convert("RGB")
-    return img
-
-
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, check the pixel limit, apply EXIF orientation and convert to RGB (first frame).
-
-    The size comes from the header before anything is decoded, so a decompression bomb is
-    refused without allocating its pixels.
-    """
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below replaces PIL's global one
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ValueError(f"{w}x{h} = {w * h} pixels is above the pixel limit {max_pixels} (max_pixels)")
-            im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
-
-
 def _reason(e: BaseException) -> str:
     msg = " ".join(str(e).split()) or type(e).__name__
     return f"{type(e).__name__}: {msg}"[:300]
 
 
 class ImageDataset(Dataset):
-    def __init__(self, items: list[ImageItem], preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decoded, preprocessed images; `extra(i)` (a picklable callable) adds per-item tensors read
+    in the worker too (the targets of a labels file, the stored maps `xai evaluate` scores)."""
+
+    def __init__(
+        self, items: list[ImageItem], preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS, extra=None
+    ):
         self.items = items
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.items)
@@ -196,9 +172,10 @@ class ImageDataset(Dataset):
             img = load_image(self.items[i].path, self.max_pixels)
             x = self.preprocess(img)
             orig = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-            return {"index": i, "x": x, "orig": orig, "error": None}
+            extra = self.extra(i) if self.extra is not None else {}
+            return {"index": i, "x": x, "orig": orig, "extra": extra, "error": None}
         except Exception as e:  # any decode problem is this image's failure, not the run's
-            return {"index": i, "x": None, "orig": None, "error": _reason(e)}
+            return {"index": i, "x": None, "orig": None, "extra": {}, "error": _reason(e)}
 
 
 @dataclass
@@ -207,26 +184,31 @@ class Batch:
     x: torch.Tensor | None  # [B, 3, H, W] for the decoded images
     origs: list[torch.Tensor]  # HxWx3 uint8, original resolution (EXIF-rotated)
     failures: list[tuple[int, str]]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # stacked `extra` tensors
 
 
 def collate(samples: list[dict]) -> Batch:
     ok = [s for s in samples if s["error"] is None]
+    keys = ok[0]["extra"].keys() if ok else ()
     return Batch(
         indices=[s["index"] for s in ok],
         x=torch.stack([s["x"] for s in ok]) if ok else None,
         origs=[s["orig"] for s in ok],
         failures=[(s["index"], s["error"]) for s in samples if s["error"] is not None],
+        extra={k: torch.stack([torch.as_tensor(s["extra"][k]) for s in ok]) for k in keys},
     )
 
 
 def _worker_init(_worker_id: int) -> None:
     import signal
 
+    from PIL import Image
+
     # forked workers inherit the output lock's file descriptor; drop it so the lock dies with
     # the main process (kill -9) instead of living on in orphaned workers
-    from .state import close_inherited_locks
-
     close_inherited_locks()
+    # the worker is our own process: `max_pixels` (checked from the header) replaces PIL's guard
+    Image.MAX_IMAGE_PIXELS = None
     # `timeout`, systemd and cron stop the whole process group with SIGTERM: let the main process
     # handle it (keep finished batches, exit 130); the DataLoader then shuts its workers down
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

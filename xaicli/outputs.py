@@ -1,13 +1,18 @@
-"""The output layout (a contract that `xai evaluate` and users' scripts rely on) and its writers.
+"""The output layout (a contract that `xai evaluate`, the report and users' scripts rely on) and
+its writers. xaicli/reader.py reads the same layout back.
 
-    OUT/run.yaml                      resolved config + package versions
-    OUT/explanations.csv              one row per (image, method)
+    OUT/run.yaml                      resolved config, resolved layers/device, package versions
+    OUT/manifest.json                 what the run wrote (files, map folders, metric outputs)
+    OUT/explanations.csv              one row per (image, method); columns: CORE_FIELDS plus the
+                                      extras the run's methods declare (e.g. IG's `delta`)
     OUT/errors.csv                    images that could not be processed (path, reason)
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
+    OUT/<method>/<rel>/<name>.png|npy the same for a method that returns K named maps per image
 
 Files are written to a temporary name in the same folder and renamed (atomic on POSIX); CSV
-rows are appended whole and flushed (fsync) at batch boundaries.
+rows are appended whole and flushed (fsync) at batch boundaries; a whole CSV is only ever
+rewritten through `write_csv` (temporary file + rename).
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
-EXPLANATION_FIELDS = [
+from .ops import normalize01
+
+_HEAD = [
     "image",
     "method",
     "target_class",
@@ -38,16 +46,27 @@ EXPLANATION_FIELDS = [
     "map_min",
     "map_max",
     "status",
-    "delta",  # completeness delta for path methods (Integrated Gradients); empty otherwise
+]
+_TAIL = [
     "path",  # the source file
     "size",  # source size in bytes and mtime (ns) when processed: the resume key
     "mtime_ns",
 ]
+CORE_FIELDS = _HEAD + _TAIL
 ERROR_FIELDS = ["image", "path", "reason"]
+MANIFEST = "manifest.json"
 
 
-def map_paths(out: Path, method: str, rel: str) -> tuple[Path, Path]:
+def explanation_fields(extras: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """explanations.csv's columns: the core ones with the methods' declared extras before `path`."""
+    return _HEAD + [e for e in dict.fromkeys(extras) if e not in CORE_FIELDS] + _TAIL
+
+
+def map_paths(out: Path, method: str, rel: str, name: str | None = None) -> tuple[Path, Path]:
+    """(png, npy) of one map: OUT/<method>/<rel>.png, or OUT/<method>/<rel>/<name>.png for named maps."""
     base = out / method / rel
+    if name is not None:
+        base = base / name
     return base.with_name(base.name + ".png"), base.with_name(base.name + ".npy")
 
 
@@ -103,12 +122,6 @@ def colormap_lut(name: str) -> np.ndarray:
     return (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
 
 
-def normalize01(m: np.ndarray) -> np.ndarray:
-    """Per-image min-max to [0, 1] with an epsilon (an all-constant map gives zeros, never NaN)."""
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / max(hi - lo, 1e-12)
-
-
 def overlay(orig: np.ndarray, cam: np.ndarray, box, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
     """Heatmap over the original image at its own resolution.
 
@@ -120,7 +133,7 @@ def overlay(orig: np.ndarray, cam: np.ndarray, box, cmap: str = "jet", alpha: fl
     left, top, right, bottom = (int(round(v)) for v in box)
     left, top = max(left, 0), max(top, 0)
     right, bottom = min(max(right, left + 1), w), min(max(bottom, top + 1), h)
-    m = normalize01(cam.astype(np.float32))
+    m = normalize01(torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None])[0].numpy()
     resized = np.asarray(Image.fromarray(m, mode="F").resize((right - left, bottom - top), Image.BILINEAR))
     idx = np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
     color = colormap_lut(cmap)[idx]
@@ -130,17 +143,41 @@ def overlay(orig: np.ndarray, cam: np.ndarray, box, cmap: str = "jet", alpha: fl
     return out
 
 
+def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """THE whole-file CSV write: header + rows to a temporary file, then renamed over `path`."""
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    wr.writeheader()
+    wr.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def csv_header(path: Path) -> list[str] | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            return next(csv.reader(f), None)
+    except OSError:
+        return None
+
+
 class CsvAppender:
-    """Append whole rows to a CSV, writing the header once; flush + fsync on every append."""
+    """Append whole rows to a CSV, writing the header once; flush + fsync on every append.
+
+    A file written with other columns (a method set with other extras, an older version) is
+    rewritten once with this appender's columns before the first append."""
 
     def __init__(self, path: Path, fields: list[str]):
         self.path = path
         self.fields = fields
+        self._checked = False
 
     def append(self, rows: list[dict]) -> None:
         if not rows:
             return
         new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new and not self._checked and csv_header(self.path) != self.fields:
+            write_csv(self.path, self.fields, read_csv(self.path))
+        self._checked = True
         buf = io.StringIO()
         wr = csv.DictWriter(buf, fieldnames=self.fields, extrasaction="ignore", lineterminator="\n")
         if new:
@@ -189,3 +226,9 @@ def read_run_yaml(out: Path) -> dict:
     if not p.is_file():
         return {}
     return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+
+
+def write_manifest(out: Path, doc: dict) -> None:
+    import json
+
+    atomic_write_bytes(out / MANIFEST, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8"))

@@ -6,51 +6,49 @@ config with the image's current size and mtime, and its files exist. Everything 
 never duplicates a row. A different config in the same output folder is refused (or, with
 --force, its outputs are replaced), so results of two configs never mix.
 
-Lock: `OUT/.xai.lock`, held with flock(2) for the whole run. The kernel releases it when the
-process dies, even on SIGKILL, so a stale lock cannot block the next run; the file records the
-holder's pid for the message.
+The output lock lives in xaicli/locks.py.
 """
 
 from __future__ import annotations
 
-import csv
-import fcntl
 import hashlib
-import io
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RunConfig, dump_config
 from .data import ImageItem
-from .errors import ConfigError, LockedError
+from .errors import ConfigError
+from .locks import LOCK_NAME, OutputLock, close_inherited_locks  # noqa: F401  (re-exported)
+from .methods import METHODS
 from .outputs import (
+    CORE_FIELDS,
     ERROR_FIELDS,
-    EXPLANATION_FIELDS,
     TMP_PREFIX,
-    atomic_write_bytes,
+    csv_header,
     map_paths,
     read_csv,
     read_run_yaml,
+    write_csv,
 )
 
 HASH_KEYS = ("model", "methods", "target", "input", "colormap", "alpha", "max_pixels")
-LOCK_NAME = ".xai.lock"
 
 
 def config_hash(cfg: RunConfig) -> str:
     """Hash of everything that changes the outputs (not device, batch size, workers or output).
 
-    Local files the config names (a checkpoint, a labels file, class names) count by size and
-    mtime, so a retrained checkpoint at the same path makes every image stale.
+    Local files the config names (a checkpoint, a labels file, class names, a method's path
+    parameter such as IG's image baseline) count by size and mtime, so a retrained checkpoint at
+    the same path makes every image stale.
     """
     d = dump_config(cfg)
     doc = {k: d.get(k) for k in HASH_KEYS}
     files = [cfg.model.weights, cfg.model.class_names, cfg.target if isinstance(cfg.target, str) else None]
+    files += [v for m in cfg.methods for v in METHODS[m.name].file_params(m.params).values()]
     doc["files"] = {f: file_key(Path(f)) for f in files if f and Path(f).is_file()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -70,64 +68,6 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
     if n < 1 or not 0 <= i < n:
         raise ConfigError(f"--shard: '{spec}': need N >= 1 and 0 <= I < N")
     return i, n
-
-
-# ----------------------------------------------------------------------------------------------
-# lock
-# ----------------------------------------------------------------------------------------------
-_HELD_LOCK_FDS: set[int] = set()
-
-
-def close_inherited_locks() -> None:
-    """In a forked child (DataLoader worker): close the inherited lock descriptors."""
-    for fd in list(_HELD_LOCK_FDS):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD_LOCK_FDS.clear()
-
-
-class OutputLock:
-    def __init__(self, out: Path, wait: bool = False, on_wait=None):
-        self.path = out / LOCK_NAME
-        self.wait = wait
-        self.on_wait = on_wait
-        self._f = None
-
-    def __enter__(self) -> OutputLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            if not self.wait:
-                f.close()
-                raise LockedError(
-                    f"{self.path.parent} is in use by another xai run ({holder}); "
-                    "use --wait to wait for it, or another --out"
-                ) from None
-            if self.on_wait:
-                self.on_wait(holder)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        self._f = f
-        _HELD_LOCK_FDS.add(f.fileno())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._f is not None:
-            _HELD_LOCK_FDS.discard(self._f.fileno())
-            self._f.seek(0)
-            self._f.truncate()
-            fcntl.flock(self._f, fcntl.LOCK_UN)
-            self._f.close()
-            self._f = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,9 +126,10 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
     if force or other:
         return Plan(list(range(len(items))), replace_config=other, keys=keys, previous=prev)
     methods = [m.key for m in cfg.methods]
+    names = {m.key: METHODS[m.name].map_names or (None,) for m in cfg.methods}
     done: dict[tuple[str, str], dict] = {}
     for r in read_csv(out / "explanations.csv"):
-        if _valid(r, EXPLANATION_FIELDS):
+        if _valid(r, CORE_FIELDS):
             done[(r["image"], r["method"])] = r
     todo, up = [], 0
     for i, it in enumerate(items):
@@ -199,7 +140,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
             if r is None or r["size"] != str(k[0]) or r["mtime_ns"] != str(k[1]) or r["status"] == "oom":
                 ok = False
                 break
-            if r["status"] == "ok" and not all(p.exists() for p in map_paths(out, m, it.rel)):
+            if r["status"] == "ok" and not all(p.exists() for n in names[m] for p in map_paths(out, m, it.rel, n)):
                 ok = False
                 break
         if ok:
@@ -210,14 +151,11 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
 
 
 def _rewrite_csv(path: Path, fields: list[str], keep) -> None:
+    """Keep the whole rows that `keep` accepts (the file's own columns; `fields` must be present)."""
     if not path.exists():
         return
-    rows = [r for r in read_csv(path) if _valid(r, fields) and keep(r)]
-    buf = io.StringIO()
-    wr = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    wr.writeheader()
-    wr.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    header = csv_header(path) or fields
+    write_csv(path, header, [r for r in read_csv(path) if _valid(r, fields) and keep(r)])
 
 
 TRASH_PREFIX = ".xai-trash-"
@@ -249,7 +187,7 @@ def apply_plan(out: Path, items: list[ImageItem], plan: Plan, todo: list[int], m
         keep_methods = set(methods)
         _rewrite_csv(
             out / "explanations.csv",
-            EXPLANATION_FIELDS,
+            CORE_FIELDS,
             lambda r: r["image"] not in redo and r["method"] in keep_methods,
         )
         _rewrite_csv(out / "errors.csv", ERROR_FIELDS, lambda r: r["image"] not in redo)

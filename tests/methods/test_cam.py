@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyCNN
+from conftest import TinyCNN, bind
 from xaicli import explain
 from xaicli.errors import MethodError
+from xaicli.hooks import count_hooks
 from xaicli.methods import build_method
-from xaicli.methods.hooks import count_hooks
 
 
 def cam_reference(model: TinyCNN, x, target):
@@ -33,8 +33,7 @@ def test_gradcam_equals_cam_up_to_positive_scale(tiny_cnn):
 
 
 def test_gradcam_auto_layer_on_tiny_cnn(tiny_cnn):
-    m = build_method("gradcam")
-    m.prepare(tiny_cnn, (16, 16))
+    m = bind(build_method("gradcam"), tiny_cnn, (16, 16))
     assert m.layer == "features"
 
 

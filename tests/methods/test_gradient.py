@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SAMPLES
+from conftest import SAMPLES, bind
 from xaicli import explain
 from xaicli.errors import MethodError
+from xaicli.hooks import count_hooks
 from xaicli.methods import build_method
 from xaicli.methods.gradient import quadrature
-from xaicli.methods.hooks import count_hooks
 
 
 def test_saliency_of_linear_model_is_its_weight_row():
@@ -130,7 +130,7 @@ def test_ig_of_linear_model_is_exact():
     x = torch.randn(2, 3, 4, 4)
     t = torch.tensor([2, 0])
     m = build_method("integrated_gradients", baseline="mean", n_steps=3, internal_batch=4)
-    out = m.run(lin, x, t)
+    out = bind(m, lin, (4, 4))(x, t)
     w = lin[1].weight.detach().view(3, 3, 4, 4)
     assert torch.allclose(out.maps, (x * w[t]).sum(1), atol=1e-5)  # (x - 0) * w, channels summed
     assert out.extras["delta"].abs().max() < 1e-4
@@ -147,10 +147,8 @@ def smooth_net():
 def test_ig_chunking_does_not_change_the_result(internal_batch):
     net = smooth_net()
     x = torch.randn(3, 3, 8, 8)
-    ref = build_method("integrated_gradients", baseline="mean", n_steps=8, internal_batch=24).run(net, x, None)
-    got = build_method("integrated_gradients", baseline="mean", n_steps=8, internal_batch=internal_batch).run(
-        net, x, None
-    )
+    ref = bind(build_method("integrated_gradients", baseline="mean", n_steps=8, internal_batch=24), net)(x)
+    got = bind(build_method("integrated_gradients", baseline="mean", n_steps=8, internal_batch=internal_batch), net)(x)
     assert torch.allclose(got.maps, ref.maps, atol=1e-5)
     # Gauss-Legendre on a smooth path: the completeness gap is tiny already at 8 steps
     assert got.extras["delta"].abs().max() < 1e-3
@@ -159,14 +157,12 @@ def test_ig_chunking_does_not_change_the_result(internal_batch):
 def test_ig_black_baseline_is_black_in_pixel_space(default_model, sample_batch):
     m = build_method("integrated_gradients", baseline="black")
     with pytest.raises(MethodError, match="mean"):  # a bare nn.Module: normalisation unknown
-        m.make_baseline(sample_batch)
-    m.bind_preprocess(default_model.preprocess)
-    base = m.make_baseline(sample_batch)
+        bind(m, default_model.model)
+    base = bind(m, default_model).baseline(sample_batch)
     assert torch.allclose(default_model.preprocess.denormalize(base), torch.zeros_like(base), atol=1e-6)
     assert not torch.allclose(base, torch.zeros_like(base))  # zero in normalised space is the mean colour
     img = build_method("integrated_gradients", baseline=str(SAMPLES / "coffee.png"))
-    img.bind_preprocess(default_model.preprocess)
-    assert torch.allclose(img.make_baseline(sample_batch)[0], sample_batch[1], atol=1e-6)
+    assert torch.allclose(bind(img, default_model).baseline(sample_batch)[0], sample_batch[1], atol=1e-6)
 
 
 def test_ig_completeness_on_default_model(default_model, sample_batch):
@@ -177,9 +173,9 @@ def test_ig_completeness_on_default_model(default_model, sample_batch):
     steps bring it to 0.8%). The test uses the uniform-noise baseline."""
     x = sample_batch[:1]
     m = build_method("integrated_gradients", baseline="uniform", n_steps=64, internal_batch=64)
-    m.bind_preprocess(default_model.preprocess)
-    out = m.run(default_model.model, x, None)
-    base = m.make_baseline(x)
+    bound = bind(m, default_model)
+    out = bound(x)
+    base = bound.baseline(x)
     with torch.no_grad():
         t = default_model.model(x).argmax(1)
         gap = default_model.model(x)[0, t] - default_model.model(base)[0, t]

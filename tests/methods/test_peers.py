@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import bind
 from xaicli import explain
 
 pytestmark = pytest.mark.slow
@@ -126,12 +127,12 @@ def test_integrated_gradients_vs_captum(setup):
     lm, x, t = setup
     x, t = x[:1], t[:1]
     ig = build_method("integrated_gradients", baseline="black", n_steps=16, internal_batch=16)
-    ig.bind_preprocess(lm.preprocess)
-    base = ig.make_baseline(x)
+    bound = bind(ig, lm)
+    base = bound.baseline(x)
     theirs, delta = captum_attr.IntegratedGradients(peer_copy(lm.model)).attribute(
         x, base, target=t, n_steps=16, method="gausslegendre", internal_batch_size=16, return_convergence_delta=True
     )
-    out = ig.run(lm.model, x, t)
+    out = bound(x, t)
     rho = per_image(out.maps, theirs.sum(1))
     print("integrated_gradients vs captum", rho, "delta", out.extras["delta"], delta)
     assert min(rho) >= RHO

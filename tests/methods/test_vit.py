@@ -4,10 +4,11 @@ methods unchanged."""
 import pytest
 import torch
 
+from conftest import bind
 from xaicli import explain, load_model
 from xaicli.errors import MethodError
+from xaicli.hooks import count_hooks
 from xaicli.methods import build_method
-from xaicli.methods.hooks import count_hooks
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,7 @@ def test_vit_maps_have_input_size_and_no_nan(vit, method):
 
 
 def test_vit_cam_layer_is_a_token_layer(vit):
-    m = build_method("gradcam")
-    m.prepare(vit.model, (224, 224))
+    m = bind(build_method("gradcam"), vit)
     assert m.layer == f"blocks.{len(vit.model.blocks) - 1}.norm1"
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from xaicli.metrics import build_metric
-from xaicli.metrics.base import auc, gaussian_blur, normalize01
+from xaicli.metrics.base import auc
+from xaicli.ops import gaussian_blur, normalize01
 
 from .conftest import SIZE, oracle_map
 
@@ -72,15 +73,15 @@ def test_batched_curve_matches_per_step_loop(tiny_cnn, insert):
     ref = reference_deletion_curve(tiny_cnn, x, maps, t, 10, insert)
     for ib in (1, 7, 64):  # chunks that mix images and steps must not matter
         got = build_metric(name, step=10, substrate="mean", internal_batch=ib)(tiny_cnn, x, maps, t)
-        assert got[f"{name}:curve"].shape == (2, math.ceil(256 / 10) + 1)
-        assert torch.allclose(got[f"{name}:curve"], ref, atol=1e-6)
+        assert got.curves[name].y.shape == (2, math.ceil(256 / 10) + 1)
+        assert torch.allclose(got.curves[name].y, ref, atol=1e-6)
         assert torch.allclose(got[name], auc(ref), atol=1e-6)
 
 
 def test_step_as_fraction(square_model, square_batch):
     x, t = square_batch
     got = build_metric("deletion", step=0.25)(square_model, x, oracle_map(), t)
-    assert got["deletion:curve"].shape == (3, 5)
+    assert got.curves["deletion"].y.shape == (3, 5)
 
 
 def test_average_drop_ones_zero_and_zeros_largest(square_model, square_batch):
@@ -122,8 +123,8 @@ def test_normalize01_constant_and_range():
 
 def test_blur_preserves_constants_and_smooths():
     x = torch.full((1, 3, 20, 20), 0.7)
-    assert torch.allclose(gaussian_blur(x), x, atol=1e-6)
+    assert torch.allclose(gaussian_blur(x, 5.0, 5), x, atol=1e-6)
     y = torch.zeros(1, 1, 21, 21)
     y[0, 0, 10, 10] = 1
-    b = gaussian_blur(y)
+    b = gaussian_blur(y, 5.0, 5)
     assert abs(b.sum().item() - 1) < 1e-5 and b.max() < 0.05

@@ -6,10 +6,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from conftest import TinyCNN
+from conftest import TinyCNN, bind
+from xaicli.hooks import count_hooks
 from xaicli.methods import build_method
-from xaicli.methods.base import Explanation, Method
-from xaicli.methods.hooks import count_hooks
+from xaicli.methods.base import BoundMethod, MethodSpec, Result
 from xaicli.metrics import build_metric
 from xaicli.metrics.sanity import average_ranks, layer_groups, spearman
 
@@ -31,12 +31,16 @@ def test_groups_run_from_the_logits_down():
     assert [g for g, _ in groups] == ["fc", "features.2", "features.0"]
 
 
+class BoundBrightness(BoundMethod):
+    def compute(self, x, target):
+        return Result(x.sum(1))
+
+
 @dataclass
-class Brightness(Method):
+class Brightness(MethodSpec):
     """A 'method' that ignores the model: the map is the image's brightness."""
 
-    def run(self, model, x, target):
-        return Explanation(x.sum(1))
+    bound = BoundBrightness
 
 
 def run_sanity(method):
@@ -44,12 +48,12 @@ def run_sanity(method):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 32, 32, generator=g)
-    method.prepare(model, (32, 32))
-    maps = method(model, x)
+    bound = bind(method, model, (32, 32))
+    maps = bound(x).maps
     target = model(x).argmax(1)
     metric = build_metric("sanity")
-    res = metric(model, x, maps, target, method=method)
-    table = metric._table
+    res = metric(model, x, maps, target, method=bound)
+    table = res.table
     # the user's model is untouched and carries no hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert count_hooks(model) == 0
@@ -76,13 +80,12 @@ def test_model_independent_map_fails_the_check():
 
 @pytest.mark.slow
 def test_gradcam_on_the_default_model(default_model, sample_batch):
-    meth = build_method("gradcam")
-    meth.prepare(default_model.model, (224, 224))
+    meth = bind(build_method("gradcam"), default_model)
     x = sample_batch[:1]
-    maps = meth(default_model.model, x)
+    maps = meth(x).maps
     metric = build_metric("sanity", depth=1)
     res = metric(default_model.model, x, maps, torch.tensor([282]), method=meth)
-    rows = metric._table
+    rows = res.table
     assert [r["layer"] for r in rows][:3] == ["(none)", "classifier", "bn2"]
     assert float(rows[0]["spearman_abs"]) == pytest.approx(1.0)
     assert abs(res["sanity"].item()) < 0.5

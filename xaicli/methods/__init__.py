@@ -1,13 +1,34 @@
-"""Method registry: `@register(name, description)` on a Method dataclass adds it here.
+"""Method registry: `@register(name, description)` on a MethodSpec dataclass adds it here.
 
-Adding a method is one class in a family module plus its decorator; `xai methods`, the
-config validator and `--help` all read METHODS.
+Adding a method is one file: a spec dataclass (its parameters) with the decorator, and the
+BoundMethod subclass that computes it (see docs/architecture.md). `xai methods`, the config
+validator, docs/methods.md and the contract tests all read METHODS.
 """
 
 from __future__ import annotations
 
 # importing the family modules fills the registry
 from . import cam, gradient  # noqa: E402,F401
-from .base import METHODS, Method, build_method, explain, register  # noqa: F401
+from .base import (  # noqa: F401
+    METHODS,
+    BoundMethod,
+    Context,
+    MethodSpec,
+    Result,
+    build_method,
+    explain,
+    make_context,
+    register,
+)
 
-__all__ = ["METHODS", "Method", "build_method", "explain", "register"]
+__all__ = [
+    "METHODS",
+    "BoundMethod",
+    "Context",
+    "MethodSpec",
+    "Result",
+    "build_method",
+    "explain",
+    "make_context",
+    "register",
+]

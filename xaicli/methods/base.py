@@ -1,9 +1,15 @@
-"""Method contract, registry and the shared machinery (target selection, eval mode, upsampling).
+"""The method contract: a registered parameter spec, bound once per model.
 
-A method maps a preprocessed batch to one map per image on the same device:
-    method(model, x [B,C,H,W], target LongTensor[B] | None) -> maps [B,H,W] float32
-`run` returns the same maps plus the logits of its own forward pass (so the runner needs no
-extra forward) and optional per-image extras (written as CSV columns).
+    spec = build_method("gradcam", layer=None)   # a dataclass: validated, picklable, no model state
+    bound = spec.bind(ctx)                       # owns the resolved layer, head, mean/std, ...
+    res = bound(x, target)                       # Result: maps, logits, target, declared extras
+
+`ctx` (a `Context`) carries the model, its `ModelAdapter` (layers, head, token grids), the
+preprocessing (mean/std, input size), the run's `Chunker` (inner loops with out-of-memory
+back-off) and the config's layer override. A spec declares what it returns beyond the map:
+`extras` (per-image CSV columns, e.g. IG's `delta`) and `map_names` (K named maps per image,
+[B, K, H, W], stored as OUT/<method>/<rel>/<name>.png|.npy). Adding a method is one file: a spec
+dataclass with `@register(name, description)` and the `BoundMethod` subclass that computes it.
 """
 
 from __future__ import annotations
@@ -12,26 +18,20 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MethodError
+from ..models.adapter import ModelAdapter
+from ..objectives import OBJECTIVES, get_objective
+from ..ops import Chunker
 from ..registry import build_registered, public_fields, registrar
 
-METHODS: dict[str, type[Method]] = {}
+METHODS: dict[str, type[MethodSpec]] = {}
 
-
-register = registrar(METHODS)  # @register(name, one-line description) on a Method dataclass
-
-
-@dataclass
-class Explanation:
-    maps: Tensor  # [B, H, W] float32, unnormalized
-    logits: Tensor | None = None  # [B, classes], detached, from the method's own forward
-    extras: dict[str, Tensor] = field(default_factory=dict)  # per-image values [B]
+register = registrar(METHODS)  # @register(name, one-line description) on a MethodSpec dataclass
 
 
 @contextmanager
@@ -59,153 +59,143 @@ def check_target(target: Tensor, num_classes: int) -> None:
         raise MethodError(f"target class out of range: the model has {num_classes} classes (0..{num_classes - 1})")
 
 
-def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """[B, h, w] -> [B, H, W], bilinear (align_corners=False), on the maps' device."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+@dataclass
+class Context:
+    """What a spec binds to: one model and what is known about it."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    mean: tuple[float, ...] | None = None  # the model's input normalisation, when known
+    std: tuple[float, ...] | None = None
+    preprocess: Any = None  # models.preprocess.Preprocess, when known (IG's image baseline)
+    chunker: Chunker = field(default_factory=Chunker)
+    layer: str | None = None  # the config's `model.layer`: CAM methods without their own `layer`
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.adapter.input_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    def with_model(self, model: nn.Module) -> Context:
+        """The same context for another model of the same architecture (sanity's randomized copy)."""
+        return dataclasses.replace(self, model=model, adapter=ModelAdapter(model, self.input_size))
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of [B, C, H, W] (reflect padding, radius 3 sigma), on x's device."""
-    if sigma <= 0:
-        return x
-    h, w = x.shape[-2:]
-    r = max(1, min(int(3 * sigma + 0.5), h - 1, w - 1))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    y = F.pad(x, (r, r, r, r), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def target_score(logits: Tensor, target: Tensor, kind: str = "logit") -> Tensor:
-    """[B] score of the target class: the logit (default) or the softmax probability."""
-    if kind == "prob":
-        return torch.softmax(logits.float(), dim=1).gather(1, target[:, None])[:, 0]
-    return logits.gather(1, target[:, None])[:, 0]
-
-
-def chunks(n: int, size: int, device) -> Iterator[Tensor]:
-    """Index tensors covering range(n) in consecutive chunks of at most `size`."""
-    for start in range(0, n, size):
-        yield torch.arange(start, min(n, start + size), device=device)
+def make_context(model, input_size=None, chunker: Chunker | None = None, layer: str | None = None) -> Context:
+    """A Context for an nn.Module or a LoadedModel (which brings its preprocessing)."""
+    net = getattr(model, "model", model)
+    pre = getattr(model, "preprocess", None)
+    size = tuple(input_size or (pre.input_size if pre is not None else (224, 224)))
+    return Context(
+        model=net,
+        adapter=ModelAdapter(net, size),
+        mean=tuple(pre.mean) if pre is not None else None,
+        std=tuple(pre.std) if pre is not None else None,
+        preprocess=pre,
+        chunker=chunker or Chunker(),
+        layer=layer,
+    )
 
 
 @dataclass
-class Method:
-    """Base class. Parameters are dataclass fields (validated from config/CLI/API)."""
+class Result:
+    """What a bound method returns for a batch (all on the batch's device)."""
+
+    maps: Tensor  # [B, H, W] float32, unnormalised; [B, K, H, W] for specs with map_names
+    logits: Tensor | None = None  # [B, classes] of the clean batch, detached (saves the engine a forward)
+    target: Tensor | None = None  # [B] the classes explained
+    extras: dict[str, Tensor] = field(default_factory=dict)  # the spec's declared per-image values [B]
+
+
+class BoundMethod:
+    """A spec bound to one model. Subclasses set up in `setup` and compute in `compute`."""
+
+    def __init__(self, spec: MethodSpec, ctx: Context):
+        self.spec = spec
+        self.ctx = ctx
+        self.model = ctx.model
+        self.setup()
+
+    def setup(self) -> None:
+        """Resolve what depends on the model (layer, head, ...); runs once, at bind time."""
+
+    def compute(self, x: Tensor, target: Tensor | None) -> Result:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, target: Tensor | int | None = None) -> Result:
+        if isinstance(target, int):
+            target = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
+        res = self.compute(x, target)
+        undeclared = set(res.extras) - set(self.spec.extras)
+        if undeclared:
+            raise MethodError(f"method '{self.spec.name}' returned undeclared extras {sorted(undeclared)}")
+        return res
+
+    def resolved(self) -> dict:
+        """What binding decided, for run.yaml (e.g. {'layer': 'bn2'})."""
+        return {}
+
+    def rebind(self, model: nn.Module) -> BoundMethod:
+        return self.spec.bind(self.ctx.with_model(model))
+
+
+@dataclass
+class MethodSpec:
+    """Base class of the registered parameter specs (dataclass fields = parameters)."""
 
     name: ClassVar[str] = "base"
     description: ClassVar[str] = ""
-    needs_layer: ClassVar[bool] = False
+    bound: ClassVar[type[BoundMethod]] = BoundMethod
+    needs_layer: ClassVar[bool] = False  # reads a layer (CAM family): run.yaml records it
+    extras: ClassVar[dict[str, str]] = {}  # per-image CSV columns it adds: name -> meaning
+    map_names: ClassVar[tuple[str, ...]] = ()  # K named maps per image; () = one map
+    path_params: ClassVar[tuple[str, ...]] = ()  # parameters that may hold a file path (rebased, hashed)
+    cost: ClassVar[str] = ""  # in forwards (F) and backwards (B) per image, for docs/methods.md
 
-    def prepare(self, model: nn.Module, input_size: tuple[int, int]) -> None:
-        """Resolve anything that depends on the model (e.g. the target layer); called once."""
-
-    def bind_preprocess(self, preprocess) -> None:
-        """Learn the model's preprocessing (a `models.preprocess.Preprocess`: mean, std, resize).
-
-        Called by the runner and by `explain` when the model came from `load_model`, before
-        `prepare`; methods that need pixel space (IG's black/uniform/image baselines) fill
-        their unset `mean`/`std` from it, wrappers (SmoothGrad) pass it on. The default ignores it.
-        """
-
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        raise NotImplementedError
-
-    def __call__(self, model: nn.Module, x: Tensor, target: Tensor | int | None = None) -> Tensor:
-        if isinstance(target, int):
-            target = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
-        return self.run(model, x, target).maps
+    def bind(self, ctx: Context) -> BoundMethod:
+        return type(self).bound(self, ctx)
 
     @classmethod
     def params(cls) -> list[dataclasses.Field]:
         return public_fields(cls)
 
+    @classmethod
+    def file_params(cls, params: dict) -> dict[str, str]:
+        """{key: value} of the parameters in `params` that name files (config rebasing, hash)."""
+        return {k: v for k, v in params.items() if k in cls.path_params and looks_like_path(v)}
 
-def build_method(name: str, **params) -> Method:
-    """Validate `params` against the method's dataclass fields and build it."""
+
+def looks_like_path(v) -> bool:
+    from ..ops import REFERENCES
+
+    return isinstance(v, str) and v not in REFERENCES and ("/" in v or "\\" in v or "." in v)
+
+
+def check_objective_field(owner: str, name: str) -> None:
+    if name not in OBJECTIVES:
+        raise MethodError(f"{owner}: unknown objective '{name}' (allowed: {', '.join(sorted(OBJECTIVES))})")
+
+
+def objective_of(name: str, negate: bool = False):
+    fn = get_objective(name)
+    return (lambda logits, target: -fn(logits, target)) if negate else fn
+
+
+def build_method(name: str, **params) -> MethodSpec:
+    """Validate `params` against the method's dataclass fields and build its spec."""
     return build_registered(METHODS, "method", name, params, MethodError)
 
 
-def explain(model, x: Tensor, method: str | Method = "gradcam", target=None, **params) -> Tensor:
+def explain(model, x: Tensor, method: str | MethodSpec = "gradcam", target=None, **params) -> Tensor:
     """Python API: maps [B, H, W] for a preprocessed batch `x` (on the model's device).
 
     `model` is an nn.Module or the LoadedModel from `load_model`; `target` is None (predicted
     class), an int, or a LongTensor [B]; `params` are the method's parameters.
     """
-    net = getattr(model, "model", model)
-    m = method if isinstance(method, Method) else build_method(method, **params)
-    if getattr(model, "preprocess", None) is not None:
-        m.bind_preprocess(model.preprocess)
-    with eval_mode(net):
-        m.prepare(net, tuple(x.shape[-2:]))
-        return m(net, x, target)
-
-
-# --------------------------------------------------------------------------------------------
-# CAM family: the base class owns forward, hook, target score, ReLU and upsampling.
-# --------------------------------------------------------------------------------------------
-@dataclass
-class CAMMethod(Method):
-    """Map = ReLU(sum_k w_k A^k), upsampled. Subclasses give `weights(acts, grads)` -> [B, K]."""
-
-    needs_layer: ClassVar[bool] = True
-    needs_grad: ClassVar[bool] = True
-    layer: str | None = None
-
-    def prepare(self, model: nn.Module, input_size: tuple[int, int]) -> None:
-        from ..models.layers import find_target_layer, get_module
-
-        if self.layer is None:
-            self.layer = find_target_layer(model, input_size)
-        else:
-            get_module(model, self.layer)  # raises with the candidates if wrong
-
-    def weights(self, acts: Tensor, grads: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
-    def combine(self, acts: Tensor, grads: Tensor | None) -> Tensor:
-        """[B, K, h, w] -> [B, h, w] before ReLU; override for per-position weights."""
-        w = self.weights(acts, grads)
-        return torch.einsum("bk,bkhw->bhw", w, acts)
-
-    def forward_backward(
-        self, model: nn.Module, x: Tensor, target: Tensor | None, need_grad: bool | None = None
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-        """One forward (and backward) pass: (acts [B,K,h,w], grads or None, logits, target).
-
-        Token activations [B,N,D] come back as a grid [B,D,h,w]; acts/grads are detached float32.
-        """
-        from ..models.layers import tokens_to_grid
-        from .hooks import capture
-
-        need_grad = self.needs_grad if need_grad is None else need_grad
-        if self.layer is None:
-            self.prepare(model, tuple(x.shape[-2:]))
-        with capture(model, self.layer, start_graph=need_grad) as cap:
-            with torch.no_grad():  # the trunk up to the layer records no graph (see capture)
-                logits = model(x.detach())
-            if cap.activation is None:
-                raise MethodError(f"layer '{self.layer}' was not called in the forward pass; name another layer")
-            tgt = select_target(logits, target)
-            check_target(tgt, logits.shape[1])
-            acts = cap.activation
-            grads = None
-            if need_grad:
-                with torch.enable_grad():
-                    score = logits.gather(1, tgt[:, None]).sum()
-                    (grads,) = torch.autograd.grad(score, acts)
-        acts = acts.detach()
-        if acts.dim() == 3:  # ViT tokens [B, N, D] -> [B, D, h, w]
-            acts = tokens_to_grid(acts)
-            grads = tokens_to_grid(grads) if grads is not None else None
-        return acts.float(), (grads.float() if grads is not None else None), logits.detach(), tgt
-
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        acts, grads, logits, _ = self.forward_backward(model, x, target)
-        cam = F.relu(self.combine(acts, grads))
-        return Explanation(upsample(cam, tuple(x.shape[-2:])), logits)
+    spec = method if isinstance(method, MethodSpec) else build_method(method, **params)
+    ctx = make_context(model, tuple(x.shape[-2:]))
+    with eval_mode(ctx.model):
+        return spec.bind(ctx)(x, target).maps

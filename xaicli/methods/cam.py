@@ -1,6 +1,7 @@
-"""CAM family. Each class writes only its channel-weight formula; see base.CAMMethod.
+"""CAM family. Each spec writes only its channel-weight formula; `BoundCAM` owns the forward
+pass, the hook on the resolved layer, the objective's gradient, the ReLU and the upsampling.
 
-Conventions (see docs/methods.md): the target score is the class LOGIT (Score-CAM: softmax
+Conventions (see docs/methods.md): the objective is the class LOGIT (Score-CAM: softmax
 probability by default); the layer's map is ReLU(sum_k w_k A^k) (Layer-CAM: per-position
 weights), upsampled bilinearly (align_corners=False) to the input size; maps are unnormalised.
 """
@@ -8,42 +9,114 @@ weights), upsampled bilinearly (align_corners=False) to the input size; maps are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import MethodError
-from .base import CAMMethod, Explanation, chunks, register, target_score, upsample
+from ..hooks import capture, capture_io
+from ..ops import upsample
+from .base import (
+    BoundMethod,
+    MethodSpec,
+    Result,
+    check_objective_field,
+    check_target,
+    eval_mode,
+    objective_of,
+    register,
+    select_target,
+)
 
+
+class BoundCAM(BoundMethod):
+    """Resolves the layer once; one forward (and a head-only backward) per batch."""
+
+    def setup(self) -> None:
+        self.layer = self.ctx.adapter.resolve_layer(self.spec.layer or self.ctx.layer)
+        self.objective = objective_of(self.spec.objective, negate=self.spec.negated)
+
+    def resolved(self) -> dict:
+        return {"layer": self.layer}
+
+    def forward_backward(
+        self, x: Tensor, target: Tensor | None, need_grad: bool = True
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """(acts [B,K,h,w], grads or None, logits, target), acts/grads detached float32.
+
+        Autograd starts at the layer (hooks.capture(start_graph=True)): the trunk runs without a
+        graph, so the gradient costs a head-only backward. Token activations come back as a grid.
+        """
+        with capture(self.model, self.layer, start_graph=need_grad) as cap:
+            with torch.no_grad():
+                logits = self.model(x.detach())
+            if cap.activation is None:
+                raise MethodError(f"layer '{self.layer}' was not called in the forward pass; name another layer")
+            tgt = select_target(logits, target)
+            check_target(tgt, logits.shape[1])
+            acts, grads = cap.activation, None
+            if need_grad:
+                with torch.enable_grad():
+                    (grads,) = torch.autograd.grad(self.objective(logits, tgt).sum(), acts)
+        to_grid = self.ctx.adapter.to_grid
+        acts = to_grid(acts.detach()).float()
+        grads = to_grid(grads).float() if grads is not None else None
+        return acts, grads, logits.detach(), tgt
+
+    def compute(self, x: Tensor, target: Tensor | None) -> Result:
+        acts, grads, logits, tgt = self.forward_backward(x, target, self.spec.needs_grad)
+        cam = F.relu(self.spec.combine(acts, grads))
+        return Result(upsample(cam, tuple(x.shape[-2:])), logits, tgt)
+
+
+@dataclass
+class CAMSpec(MethodSpec):
+    """Map = ReLU(sum_k w_k A^k), upsampled. Subclasses give `weights(acts, grads)` -> [B, K]."""
+
+    layer: str | None = None  # target layer (default: the model adapter's)
+    objective: str = "logit"  # what is differentiated: logit | prob | neg_logit
+
+    bound = BoundCAM
+    needs_layer = True
+    needs_grad: ClassVar[bool] = True
+    cost = "F + head-only B"
+
+    def __post_init__(self):
+        check_objective_field(self.name, self.objective)
+
+    @property
+    def negated(self) -> bool:
+        return False
+
+    def weights(self, acts: Tensor, grads: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def combine(self, acts: Tensor, grads: Tensor | None) -> Tensor:
+        """[B, K, h, w] -> [B, h, w] before ReLU; override for per-position weights."""
+        return torch.einsum("bk,bkhw->bhw", self.weights(acts, grads), acts)
+
+
+# --------------------------------------------------------------------------------------------
+# CAM: needs a GAP + single Linear head, checked once at bind time
+# --------------------------------------------------------------------------------------------
 NO_CAM_HEAD = (
     "cam: needs a network ending in conv -> global average pooling -> a single Linear layer{why}; "
     "use gradcam instead (it equals CAM up to scale on such networks and works on any head)"
 )
 
 
-@register("cam", "CAM (Zhou 2016): FC weights of the class times the last conv maps; GAP + one Linear head only")
-@dataclass
-class CAM(CAMMethod):
-    needs_grad = False
-
-    def prepare(self, model: nn.Module, input_size: tuple[int, int]) -> None:
-        """Resolve the layer, find the head Linear and check that head(GAP(layer)) == logits."""
-        from .base import eval_mode
-        from .hooks import capture, capture_io
-
-        super().prepare(model, input_size)
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
+class BoundHeadCAM(BoundCAM):
+    def setup(self) -> None:
+        super().setup()
+        head = self.ctx.adapter.head()
+        if head is None:
             raise MethodError(NO_CAM_HEAD.format(why=" (this model has no Linear layer)"))
-        head = linears[-1]
-        p = next(model.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn((2, 3, *input_size), generator=g).to(dev)
-        with eval_mode(model), torch.no_grad(), capture(model, self.layer) as cap, capture_io(model, head) as io:
-            logits = model(x)
+        x = torch.randn((2, 3, *self.ctx.input_size), generator=torch.Generator().manual_seed(0)).to(self.ctx.device)
+        with eval_mode(self.model), torch.no_grad(), capture(self.model, self.layer) as cap:
+            with capture_io(self.model, head) as io:
+                logits = self.model(x)
         acts = cap.activation
         if acts is None or acts.dim() != 4:
             raise MethodError(NO_CAM_HEAD.format(why=f" (layer '{self.layer}' does not give a [B,C,h,w] map)"))
@@ -59,27 +132,51 @@ class CAM(CAMMethod):
         if not ok:
             why = f" (the head '{head}' does not read the global average of layer '{self.layer}' straight into the logits)"
             raise MethodError(NO_CAM_HEAD.format(why=why))
-        self._head = head
+        self.head = self.ctx.adapter.module(head)
 
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        from ..models.layers import get_module
+    def resolved(self) -> dict:
+        return {"layer": self.layer}
 
-        if getattr(self, "_head", None) is None:
-            self.prepare(model, tuple(x.shape[-2:]))
-        acts, _, logits, tgt = self.forward_backward(model, x, target)
-        w = get_module(model, self._head).weight.detach().float()[tgt]  # [B, K]; the bias is ignored
+    def compute(self, x: Tensor, target: Tensor | None) -> Result:
+        acts, _, logits, tgt = self.forward_backward(x, target, need_grad=False)
+        w = self.head.weight.detach().float()[tgt]  # [B, K]; the bias is ignored
         cam = F.relu(torch.einsum("bk,bkhw->bhw", w, acts))
-        return Explanation(upsample(cam, tuple(x.shape[-2:])), logits)
+        return Result(upsample(cam, tuple(x.shape[-2:])), logits, tgt)
+
+
+@register("cam", "CAM (Zhou 2016): FC weights of the class times the last conv maps; GAP + one Linear head only")
+@dataclass
+class CAM(CAMSpec):
+    bound = BoundHeadCAM
+    needs_grad = False
+    cost = "F"
 
 
 @register("gradcam", "Grad-CAM: channel weights = spatial mean of the target logit's gradient (Selvaraju 2017)")
 @dataclass
-class GradCAM(CAMMethod):
-    counterfactual: bool = False  # use -gradient: regions that argue against the class
+class GradCAM(CAMSpec):
+    counterfactual: bool = False  # explain the negated objective: regions that argue against the class
+
+    @property
+    def negated(self) -> bool:
+        return self.counterfactual
 
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
-        g = -grads if self.counterfactual else grads
-        return g.mean(dim=(2, 3))
+        return grads.mean(dim=(2, 3))
+
+
+class BoundGuidedGradCAM(BoundCAM):
+    def setup(self) -> None:
+        super().setup()
+        from .gradient import BoundGuided, GuidedBackprop
+
+        self.guided = BoundGuided(GuidedBackprop(objective=self.spec.objective), self.ctx)
+
+    def compute(self, x: Tensor, target: Tensor | None) -> Result:
+        acts, grads, logits, tgt = self.forward_backward(x, target)
+        cam = upsample(F.relu(self.spec.combine(acts, grads)), tuple(x.shape[-2:]))
+        gbp, _, _ = self.guided.input_gradient(x, tgt)
+        return Result((gbp.float() * cam[:, None]).abs().amax(dim=1), logits, tgt)
 
 
 @register(
@@ -88,18 +185,13 @@ class GradCAM(CAMMethod):
 )
 @dataclass
 class GuidedGradCAM(GradCAM):
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        from .gradient import input_gradient
-
-        acts, grads, logits, tgt = self.forward_backward(model, x, target)
-        cam = upsample(F.relu(self.combine(acts, grads)), tuple(x.shape[-2:]))
-        gbp, _, _ = input_gradient(model, x, tgt, guided=True)
-        return Explanation((gbp.float() * cam[:, None]).abs().amax(dim=1), logits)
+    bound = BoundGuidedGradCAM
+    cost = "2 F + B"
 
 
 @register("gradcampp", "Grad-CAM++ (Chattopadhay 2018): positive gradients weighted by the closed-form alpha (eq. 19)")
 @dataclass
-class GradCAMPlusPlus(CAMMethod):
+class GradCAMPlusPlus(CAMSpec):
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         # alpha = g^2 / (2 g^2 + (sum_ab A_ab) g^3) = 1 / (2 + (sum_ab A_ab) g) where g != 0:
         # the channel sum of A is taken first, then multiplied by g (the g^3 term); alpha = 0
@@ -113,7 +205,7 @@ class GradCAMPlusPlus(CAMMethod):
 
 @register("xgradcam", "XGrad-CAM (Fu 2020): gradients weighted by the normalised activations")
 @dataclass
-class XGradCAM(CAMMethod):
+class XGradCAM(CAMSpec):
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         sum_a = acts.sum(dim=(2, 3), keepdim=True)
         sum_a = torch.where(sum_a == 0, torch.ones_like(sum_a), sum_a)
@@ -122,35 +214,18 @@ class XGradCAM(CAMMethod):
 
 @register("layercam", "Layer-CAM (Jiang 2021): per-position weights ReLU(gradient) times activations")
 @dataclass
-class LayerCAM(CAMMethod):
+class LayerCAM(CAMSpec):
     def combine(self, acts: Tensor, grads: Tensor) -> Tensor:
         return (F.relu(grads) * acts).sum(dim=1)
 
 
-@register(
-    "scorecam",
-    "Score-CAM (Wang 2020): channel weight = class probability of the input masked by that channel (no gradient)",
-)
-@dataclass
-class ScoreCAM(CAMMethod):
-    """Variant: the official code's by default (softmax probability of X * H^k, no baseline, no
-    channel softmax). `baseline: true` subtracts f_c of the zero (mean-colour) image and
-    `channel_softmax: true` applies softmax over channels (the paper's Algorithm 1 uses both).
-    Constant channels carry no information and get weight 0 (no 0/0 in the min-max scaling);
-    their masked forwards are skipped."""
-
-    needs_grad = False
-    score: Literal["prob", "logit"] = "prob"
-    baseline: bool = False
-    channel_softmax: bool = False
-    internal_batch: int = 64  # masked images per forward
-
-    def __post_init__(self):
-        if self.internal_batch < 1:
-            raise MethodError("scorecam: internal_batch must be >= 1")
-
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        acts, _, logits, tgt = self.forward_backward(model, x, target)
+# --------------------------------------------------------------------------------------------
+# Score-CAM: channel weights from masked forwards (no gradient), chunked
+# --------------------------------------------------------------------------------------------
+class BoundScoreCAM(BoundCAM):
+    def compute(self, x: Tensor, target: Tensor | None) -> Result:
+        s = self.spec
+        acts, _, logits, tgt = self.forward_backward(x, target, need_grad=False)
         b_sz, k_sz = acts.shape[:2]
         size = tuple(x.shape[-2:])
         flat = acts.flatten(2)
@@ -158,24 +233,56 @@ class ScoreCAM(CAMMethod):
         pairs = informative.flatten().nonzero()[:, 0]  # indices b * K + k
         scores = torch.zeros(b_sz * k_sz, device=x.device, dtype=torch.float32)
         x = x.detach()
+
+        def step(idx: Tensor) -> None:
+            p = pairs[idx]
+            b, k = p // k_sz, p % k_sz
+            m = upsample(acts[b, k], size)  # [n, H, W]
+            lo = m.flatten(1).amin(1).view(-1, 1, 1)
+            hi = m.flatten(1).amax(1).view(-1, 1, 1)
+            m = (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
+            scores[p] = self.objective(self.model(x[b] * m[:, None].to(x.dtype)), tgt[b]).float()
+
         with torch.no_grad():
-            for idx in chunks(len(pairs), self.internal_batch, x.device):
-                p = pairs[idx]
-                b, k = p // k_sz, p % k_sz
-                m = upsample(acts[b, k], size)  # [n, H, W]
-                lo = m.flatten(1).amin(1).view(-1, 1, 1)
-                hi = m.flatten(1).amax(1).view(-1, 1, 1)
-                m = (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
-                out = model(x[b] * m[:, None].to(x.dtype))
-                scores[p] = target_score(out, tgt[b], self.score).float()
+            self.ctx.chunker.map("scorecam", len(pairs), s.internal_batch, step, x.device)
             scores = scores.view(b_sz, k_sz)
-            if self.baseline:
-                base = target_score(model(torch.zeros_like(x)), tgt, self.score).float()
+            if s.baseline:
+                base = self.objective(self.model(torch.zeros_like(x)), tgt).float()
                 scores = scores - base[:, None]
-            if self.channel_softmax:
+            if s.channel_softmax:
                 scores = torch.softmax(scores.masked_fill(~informative, float("-inf")), dim=1)
                 scores = torch.nan_to_num(scores, nan=0.0)  # an image with no informative channel
             else:
                 scores = scores * informative
         cam = F.relu(torch.einsum("bk,bkhw->bhw", scores, acts))
-        return Explanation(upsample(cam, size), logits)
+        return Result(upsample(cam, size), logits, tgt)
+
+
+@register(
+    "scorecam",
+    "Score-CAM (Wang 2020): channel weight = class probability of the input masked by that channel (no gradient)",
+)
+@dataclass
+class ScoreCAM(CAMSpec):
+    """Variant: the official code's by default (softmax probability of X * H^k, no baseline, no
+    channel softmax). `baseline: true` subtracts f_c of the zero (mean-colour) image and
+    `channel_softmax: true` applies softmax over channels (the paper's Algorithm 1 uses both).
+    Constant channels carry no information and get weight 0 (no 0/0 in the min-max scaling);
+    their masked forwards are skipped."""
+
+    objective: str = "prob"
+    score: Literal["prob", "logit"] | None = None  # older name of `objective`; wins when set
+    baseline: bool = False
+    channel_softmax: bool = False
+    internal_batch: int = 64  # masked images per forward
+
+    bound = BoundScoreCAM
+    needs_grad = False
+    cost = "F + K x F (K channels of the layer)"
+
+    def __post_init__(self):
+        if self.score is not None:
+            self.objective = self.score
+        super().__post_init__()
+        if self.internal_batch < 1:
+            raise MethodError("scorecam: internal_batch must be >= 1")

@@ -1,76 +1,100 @@
-"""Gradient family: maps from d(target score)/d(input).
+"""Gradient family: maps from d(objective)/d(input).
 
 Conventions (see docs/methods.md):
-- the target score is the class LOGIT (pre-softmax); IG offers `score: prob` as well;
+- the objective is the target LOGIT by default (`objective: prob | neg_logit` also work);
 - saliency and guided backprop reduce channels with max |.| (Simonyan 2013);
 - input x gradient and IG reduce channels with a signed SUM (so that IG's map sums to its
   completeness total F(x) - F(x'));
-- inner loops (IG path points, SmoothGrad samples) are chunked batches of `internal_batch`.
+- inner loops (IG path points, SmoothGrad samples) run through the context's chunker in pieces
+  of `internal_batch`, halved on out-of-memory.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import MethodError
+from ..hooks import guided_relu
+from ..ops import REFERENCES, cpu_generator, reference
 from .base import (
-    Explanation,
-    Method,
+    METHODS,
+    BoundMethod,
+    MethodSpec,
+    Result,
     build_method,
+    check_objective_field,
     check_target,
-    chunks,
-    gaussian_blur,
+    objective_of,
     register,
     select_target,
-    target_score,
 )
 
 
-def input_gradient(
-    model: nn.Module, x: Tensor, target: Tensor | None, guided: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(d y_target / d x [B,C,H,W], logits, target) for a batch, one forward and one backward.
+class BoundGradient(BoundMethod):
+    """One forward and one backward: d objective / d x, reduced over channels by the spec."""
 
-    `guided=True` gates every ReLU/ReLU6 backward with Guided Backprop's rule (hooks.guided_relu).
-    """
-    from contextlib import nullcontext
+    guided = False
 
-    from .hooks import guided_relu
+    def setup(self) -> None:
+        self.objective = objective_of(self.spec.objective)
 
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), guided_relu(model) if guided else nullcontext(1) as n_gated:
-        if not n_gated:
-            raise MethodError(
-                "guided_backprop: the model has no nn.ReLU/nn.ReLU6 modules to guide (functional relu or "
-                "other activations); use saliency or inputxgrad"
-            )
-        logits = model(x)
-        tgt = select_target(logits, target)
-        check_target(tgt, logits.shape[1])
-        (grad,) = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), x)
-    return grad, logits.detach(), tgt
+    def input_gradient(self, x: Tensor, target: Tensor | None, objective=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(d objective / d x [B,C,H,W], logits, target). `guided` gates every ReLU/ReLU6 backward."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad(), guided_relu(self.model) if self.guided else nullcontext(1) as n_gated:
+            if not n_gated:
+                raise MethodError(
+                    f"{self.spec.name}: the model has no nn.ReLU/nn.ReLU6 modules to guide (functional relu or "
+                    "other activations); use saliency or inputxgrad"
+                )
+            logits = self.model(x)
+            tgt = select_target(logits, target)
+            check_target(tgt, logits.shape[1])
+            (grad,) = torch.autograd.grad((objective or self.objective)(logits, tgt).sum(), x)
+        return grad, logits.detach(), tgt
+
+    def compute(self, x: Tensor, target: Tensor | None) -> Result:
+        grad, logits, tgt = self.input_gradient(x, target)
+        return Result(self.spec.reduce(x.detach(), grad).float(), logits, tgt)
+
+
+class BoundGuided(BoundGradient):
+    guided = True
+
+
+@dataclass
+class GradientSpec(MethodSpec):
+    objective: str = "logit"  # what is differentiated: logit | prob | neg_logit (see xaicli/objectives.py)
+
+    bound = BoundGradient
+    cost = "F + B"
+
+    def __post_init__(self):
+        check_objective_field(self.name, self.objective)
+
+    def reduce(self, x: Tensor, grad: Tensor) -> Tensor:
+        """[B,C,H,W] gradient -> [B,H,W] map."""
+        return grad.abs().amax(dim=1)
 
 
 @register("saliency", "Vanilla gradient (Simonyan 2013): max over channels of |d logit / d pixel|")
 @dataclass
-class Saliency(Method):
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        grad, logits, _ = input_gradient(model, x, target)
-        return Explanation(grad.abs().amax(dim=1).float(), logits)
+class Saliency(GradientSpec):
+    pass
 
 
 @register("inputxgrad", "Input x Gradient: sum over channels of x * d logit / dx (signed)")
 @dataclass
-class InputXGradient(Method):
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        grad, logits, _ = input_gradient(model, x, target)
-        return Explanation((x.detach() * grad).sum(dim=1).float(), logits)
+class InputXGradient(GradientSpec):
+    def reduce(self, x: Tensor, grad: Tensor) -> Tensor:
+        return (x * grad).sum(dim=1)
 
 
 @register(
@@ -78,18 +102,13 @@ class InputXGradient(Method):
     "Guided Backprop (Springenberg 2015): ReLU backward keeps positive signal only; max over channels of |.|",
 )
 @dataclass
-class GuidedBackprop(Method):
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        grad, logits, _ = input_gradient(model, x, target, guided=True)
-        return Explanation(grad.abs().amax(dim=1).float(), logits)
+class GuidedBackprop(GradientSpec):
+    bound = BoundGuided
 
 
 # --------------------------------------------------------------------------------------------
 # Integrated Gradients
 # --------------------------------------------------------------------------------------------
-BASELINES = ("black", "mean", "blur", "uniform")
-
-
 def quadrature(n: int, rule: str, device=None) -> tuple[Tensor, Tensor]:
     """(alphas [n], weights [n]) on [0, 1]; the weights sum to 1 for every rule.
 
@@ -97,7 +116,7 @@ def quadrature(n: int, rule: str, device=None) -> tuple[Tensor, Tensor]:
     1/(2(n-1)); riemann: midpoints (k + 1/2)/n with weights 1/n.
     """
     if rule == "gausslegendre":
-        t, w = np.polynomial.legendre.leggauss(n)  # once per call, outside the hot path
+        t, w = np.polynomial.legendre.leggauss(n)
         a, w = (t + 1.0) / 2.0, w / 2.0
     elif rule == "trapezoid":
         if n < 2:
@@ -113,32 +132,81 @@ def quadrature(n: int, rule: str, device=None) -> tuple[Tensor, Tensor]:
     return torch.tensor(a, dtype=torch.float32, device=device), torch.tensor(w, dtype=torch.float32, device=device)
 
 
-def path_integral(
-    model: nn.Module,
-    x: Tensor,
-    baseline: Tensor,
-    tgt: Tensor,
-    alphas: Tensor,
-    weights: Tensor,
-    internal_batch: int,
-    score: str = "logit",
-) -> Tensor:
-    """IG attributions [B,C,H,W] = (x - x') * sum_k w_k dF(x' + a_k (x - x'))/dx.
+class BoundIG(BoundGradient):
+    def setup(self) -> None:
+        s = self.spec
+        self.objective = objective_of(s.objective)
+        self.mean = s.mean or self.ctx.mean
+        self.std = s.std or self.ctx.std
+        self._image = None
+        if s.baseline not in REFERENCES:
+            from ..images import load_image
 
-    All B*K path points are flattened and sent through the model in chunks of `internal_batch`
-    (any mix of images and steps per chunk); gradients are accumulated per image with index_add_.
-    """
-    b_sz, k_sz = x.shape[0], alphas.shape[0]
-    diff = x - baseline
-    total = torch.zeros_like(x, dtype=torch.float32)
-    for idx in chunks(b_sz * k_sz, internal_batch, x.device):
-        b, k = idx % b_sz, idx // b_sz
-        pts = (baseline[b] + alphas[k].view(-1, 1, 1, 1).to(x.dtype) * diff[b]).requires_grad_(True)
-        with torch.enable_grad():
-            s = target_score(model(pts), tgt[b], score)
-            (g,) = torch.autograd.grad(s.sum(), pts)
-        total.index_add_(0, b, g.float() * weights[k].view(-1, 1, 1, 1))
-    return diff.float() * total
+            self._image = load_image(Path(s.baseline))
+        if s.baseline in ("black", "uniform") and (self.mean is None or self.std is None):
+            raise MethodError(
+                f"integrated_gradients: baseline '{s.baseline}' is defined in pixel space and needs the "
+                "model's normalisation: pass mean=(...) and std=(...), or a model from load_model()"
+            )
+
+    def baseline(self, x: Tensor) -> Tensor:
+        """The baseline x' in the model's (normalised) input space, [B,C,H,W]; the same for every image."""
+        s = self.spec
+        if self._image is None:
+            return reference(x, s.baseline, self.mean, self.std, seed=s.seed, blur_sigma=s.blur_sigma)
+        pre = self.ctx.preprocess
+        if pre is not None:
+            t = pre(self._image)[None]
+        else:
+            from torchvision.transforms import functional as TF
+
+            if self.mean is None or self.std is None:
+                raise MethodError("integrated_gradients: an image baseline needs the model's mean/std")
+            t = TF.normalize(TF.to_tensor(self._image), self.mean, self.std)[None]
+        t = t.to(device=x.device, dtype=x.dtype)
+        if tuple(t.shape[-2:]) != tuple(x.shape[-2:]):
+            t = torch.nn.functional.interpolate(t, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        return t.expand_as(x).contiguous()
+
+    def path_integral(self, x: Tensor, base: Tensor, tgt: Tensor) -> Tensor:
+        """IG attributions [B,C,H,W] = (x - x') * sum_k w_k dF(x' + a_k (x - x'))/dx.
+
+        All B*K path points are flattened and sent through the model in chunks of `internal_batch`
+        (any mix of images and steps per chunk); gradients are accumulated per image with index_add_.
+        """
+        alphas, weights = quadrature(self.spec.n_steps, self.spec.method, x.device)
+        b_sz, k_sz = x.shape[0], alphas.shape[0]
+        diff = x - base
+        total = torch.zeros_like(x, dtype=torch.float32)
+
+        def step(idx: Tensor) -> None:
+            b, k = idx % b_sz, idx // b_sz
+            pts = (base[b] + alphas[k].view(-1, 1, 1, 1).to(x.dtype) * diff[b]).requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self.objective(self.model(pts), tgt[b]).sum(), pts)
+            total.index_add_(0, b, g.float() * weights[k].view(-1, 1, 1, 1))
+
+        self.ctx.chunker.map("integrated_gradients", b_sz * k_sz, self.spec.internal_batch, step, x.device)
+        return diff.float() * total
+
+    def attribute(self, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(attributions [B,C,H,W], delta [B], logits of x, target): delta = sum IG - (F(x) - F(x'))."""
+        x = x.detach()
+        base = self.baseline(x)
+        with torch.no_grad():
+            ends = self.model(torch.cat([x, base]))  # F(x) and F(x') in one forward
+        logits = ends[: x.shape[0]]
+        tgt = select_target(logits, target)
+        check_target(tgt, logits.shape[1])
+        f_x = self.objective(ends[: x.shape[0]], tgt).float()
+        f_b = self.objective(ends[x.shape[0] :], tgt).float()
+        attr = self.path_integral(x, base, tgt)
+        delta = attr.sum(dim=(1, 2, 3)) - (f_x - f_b)
+        return attr, delta, logits.detach(), tgt
+
+    def compute(self, x: Tensor, target: Tensor | None) -> Result:
+        attr, delta, logits, tgt = self.attribute(x, target)
+        return Result(attr.sum(dim=1), logits, tgt, {"delta": delta})
 
 
 @register(
@@ -146,101 +214,75 @@ def path_integral(
     "Integrated Gradients (Sundararajan 2017): path integral of gradients from a baseline; sum over channels",
 )
 @dataclass
-class IntegratedGradients(Method):
+class IntegratedGradients(GradientSpec):
     baseline: str = "black"  # black | mean | blur | uniform | path/to/image
     n_steps: int = 50
     method: Literal["gausslegendre", "trapezoid", "riemann"] = "gausslegendre"
-    score: Literal["logit", "prob"] = "logit"
+    score: Literal["logit", "prob"] | None = None  # older name of `objective`; wins when set
     internal_batch: int = 64  # path points per forward/backward
     blur_sigma: float = 10.0  # pixels, for baseline: blur
     seed: int = 0  # for baseline: uniform
-    mean: tuple[float, float, float] | None = None  # the model's normalisation (filled by the runner)
+    mean: tuple[float, float, float] | None = None  # the model's normalisation (default: the model's)
     std: tuple[float, float, float] | None = None
 
+    bound = BoundIG
+    extras = {"delta": "completeness gap: sum of the attributions - (F(x) - F(baseline)), signed"}
+    path_params = ("baseline",)
+    cost = "2 F + n_steps x (F + B)"
+
     def __post_init__(self):
+        if self.score is not None:
+            self.objective = self.score
+        super().__post_init__()
         if self.n_steps < 1 or self.internal_batch < 1:
             raise MethodError("integrated_gradients: n_steps and internal_batch must be >= 1")
-        if self.baseline not in BASELINES and not Path(self.baseline).is_file():
+        if self.baseline not in REFERENCES and not Path(self.baseline).is_file():
             raise MethodError(
                 f"integrated_gradients: baseline '{self.baseline}' is neither one of "
-                f"{', '.join(BASELINES)} nor an existing image file"
+                f"{', '.join(REFERENCES)} nor an existing image file"
             )
-
-    def bind_preprocess(self, preprocess) -> None:
-        self._preprocess = preprocess
-        if self.mean is None:
-            self.mean = tuple(preprocess.mean)
-        if self.std is None:
-            self.std = tuple(preprocess.std)
-
-    def _norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.mean is None or self.std is None:
-            raise MethodError(
-                f"integrated_gradients: baseline '{self.baseline}' is defined in pixel space and needs the "
-                "model's normalisation: pass mean=(...) and std=(...), or a model from load_model()"
-            )
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return mean, std
-
-    def make_baseline(self, x: Tensor) -> Tensor:
-        """The baseline x' in the model's (normalised) input space, [B,C,H,W]."""
-        if self.baseline == "mean":  # zero in normalised space = the dataset's mean colour
-            return torch.zeros_like(x)
-        if self.baseline == "blur":
-            return gaussian_blur(x, self.blur_sigma)
-        mean, std = self._norm(x)
-        if self.baseline == "black":
-            return ((0.0 - mean) / std).expand_as(x).contiguous()
-        if self.baseline == "uniform":
-            g = torch.Generator(device=x.device).manual_seed(self.seed)
-            u = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
-            return (u - mean) / std
-        from ..data import load_image
-
-        img = load_image(Path(self.baseline))
-        pre = getattr(self, "_preprocess", None)
-        if pre is not None:
-            t = pre(img)[None].to(device=x.device, dtype=x.dtype)
-        else:
-            from torchvision.transforms import functional as TF
-
-            t = (TF.to_tensor(img)[None].to(device=x.device, dtype=x.dtype) - mean) / std
-        if tuple(t.shape[-2:]) != tuple(x.shape[-2:]):
-            t = torch.nn.functional.interpolate(t, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-        return t.expand_as(x).contiguous()
-
-    def attribute(self, model: nn.Module, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(attributions [B,C,H,W], delta [B], logits of x): delta = sum IG - (F(x) - F(x'))."""
-        x = x.detach()
-        base = self.make_baseline(x)
-        with torch.no_grad():
-            ends = model(torch.cat([x, base]))  # F(x) and F(x') in one forward
-        logits = ends[: x.shape[0]]
-        tgt = select_target(logits, target)
-        check_target(tgt, logits.shape[1])
-        f_x = target_score(ends[: x.shape[0]], tgt, self.score).float()
-        f_b = target_score(ends[x.shape[0] :], tgt, self.score).float()
-        alphas, weights = quadrature(self.n_steps, self.method, x.device)
-        attr = path_integral(model, x, base, tgt, alphas, weights, self.internal_batch, self.score)
-        delta = attr.sum(dim=(1, 2, 3)) - (f_x - f_b)
-        return attr, delta, logits.detach()
-
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        attr, delta, logits = self.attribute(model, x, target)
-        # signed completeness gap, like Captum's convergence delta: sum(IG) - (F(x) - F(x'))
-        return Explanation(attr.sum(dim=1), logits, {"delta": delta})
 
 
 # --------------------------------------------------------------------------------------------
 # SmoothGrad (wrapper)
 # --------------------------------------------------------------------------------------------
+class BoundSmoothGrad(BoundMethod):
+    def setup(self) -> None:
+        self.base = build_method(self.spec.base, **self.spec.base_params).bind(self.ctx)
+
+    def resolved(self) -> dict:
+        return self.base.resolved()
+
+    def compute(self, x: Tensor, target: Tensor | None) -> Result:
+        s = self.spec
+        x = x.detach()
+        with torch.no_grad():
+            logits = self.model(x)
+        tgt = select_target(logits, target)  # the clean image's class, for every noisy copy
+        check_target(tgt, logits.shape[1])
+        b_sz = x.shape[0]
+        flat = x.flatten(1)
+        sigma = (s.noise_level * (flat.amax(1) - flat.amin(1))).view(-1, 1, 1, 1)
+        # sample k's noise is the same for every image (so an image's map does not depend on its
+        # batch) and comes from a CPU generator (the same on every device)
+        noise = torch.randn((s.n_samples, *x.shape[1:]), generator=cpu_generator(s.seed)).to(x.device, x.dtype)
+        acc = torch.zeros((b_sz, *x.shape[-2:]), dtype=torch.float32, device=x.device)
+
+        def step(idx: Tensor) -> None:
+            b, k = idx % b_sz, idx // b_sz
+            m = self.base(x[b] + sigma[b] * noise[k], tgt[b]).maps.float()
+            acc.index_add_(0, b, m * m if s.squared else m)
+
+        self.ctx.chunker.map("smoothgrad", b_sz * s.n_samples, s.internal_batch, step, x.device)
+        return Result(acc / s.n_samples, logits, tgt)
+
+
 @register(
     "smoothgrad",
     "SmoothGrad (Smilkov 2017): mean of a gradient method's maps over noisy copies (optionally squared)",
 )
 @dataclass
-class SmoothGrad(Method):
+class SmoothGrad(MethodSpec):
     base: Literal["saliency", "inputxgrad", "guided_backprop", "integrated_gradients"] = "saliency"
     n_samples: int = 25
     noise_level: float = 0.15  # sigma = noise_level * (x_max - x_min), per image
@@ -249,33 +291,18 @@ class SmoothGrad(Method):
     seed: int = 0
     base_params: dict[str, Any] = field(default_factory=dict)  # e.g. {n_steps: 16} for IG
 
+    bound = BoundSmoothGrad
+    cost = "F + n_samples x (the base method)"
+
     def __post_init__(self):
         if self.n_samples < 1 or self.internal_batch < 1:
             raise MethodError("smoothgrad: n_samples and internal_batch must be >= 1")
         if self.noise_level < 0:
             raise MethodError("smoothgrad: noise_level must be >= 0")
-        self._base = build_method(self.base, **self.base_params)
+        build_method(self.base, **self.base_params)  # validate the base's parameters now
 
-    def bind_preprocess(self, preprocess) -> None:
-        self._base.bind_preprocess(preprocess)
-
-    def prepare(self, model: nn.Module, input_size: tuple[int, int]) -> None:
-        self._base.prepare(model, input_size)
-
-    def run(self, model: nn.Module, x: Tensor, target: Tensor | None) -> Explanation:
-        x = x.detach()
-        with torch.no_grad():
-            logits = model(x)
-        tgt = select_target(logits, target)  # the clean image's class, for every noisy copy
-        check_target(tgt, logits.shape[1])
-        b_sz = x.shape[0]
-        flat = x.flatten(1)
-        sigma = (self.noise_level * (flat.amax(1) - flat.amin(1))).view(-1, 1, 1, 1)
-        g = torch.Generator(device=x.device).manual_seed(self.seed)
-        acc = torch.zeros((b_sz, *x.shape[-2:]), dtype=torch.float32, device=x.device)
-        for idx in chunks(b_sz * self.n_samples, self.internal_batch, x.device):
-            b = idx % b_sz
-            noise = torch.randn((len(idx), *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
-            m = self._base.run(model, x[b] + sigma[b] * noise, tgt[b]).maps.float()
-            acc.index_add_(0, b, m * m if self.squared else m)
-        return Explanation(acc / self.n_samples, logits)
+    @classmethod
+    def file_params(cls, params: dict) -> dict[str, str]:
+        base = METHODS.get(params.get("base", "saliency"))
+        inner = base.file_params(params.get("base_params") or {}) if base else {}
+        return {f"base_params.{k}": v for k, v in inner.items()}

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MethodError
-from .base import eval_mode, gaussian_blur
+from ..ops import gaussian_blur
+from .base import eval_mode
 
 CSV_FIELDS = ["class", "label", "steps", "l2", "lr", "initial_logit", "final_logit", "final_prob"]
 

@@ -6,8 +6,44 @@ validator and `xai evaluate` all read METRICS.
 
 from __future__ import annotations
 
+from ..errors import ConfigError
+
 # importing the family modules fills the registry
 from . import faithfulness, localization, sanity  # noqa: E402,F401
-from .base import METRICS, Metric, build_metric, register  # noqa: F401
+from .base import METRICS, Curve, Metric, MetricResult, build_metric, register  # noqa: F401
 
-__all__ = ["METRICS", "Metric", "build_metric", "register"]
+__all__ = [
+    "METRICS",
+    "Curve",
+    "Metric",
+    "MetricResult",
+    "build_metric",
+    "build_metrics",
+    "load_annotations",
+    "register",
+]
+
+
+def build_metrics(specs: list, method_keys: list[str]) -> list[Metric]:
+    """MetricCfg-like specs (name + params) -> Metric objects; checks `against`."""
+    out = []
+    for spec in specs:
+        name, params = (spec.name, spec.params) if hasattr(spec, "name") else (spec["name"], spec.get("params", {}))
+        m = build_metric(name, **params)
+        against = getattr(m, "against", None)
+        if "reference" in m.needs and against is None:
+            raise ConfigError(f"metric '{name}' needs --against METHOD (one of: {', '.join(method_keys)})")
+        if against is not None and against not in method_keys:
+            raise ConfigError(f"--against: '{against}' is not a method of this run (one of: {', '.join(method_keys)})")
+        out.append(m)
+    return out
+
+
+def load_annotations(path, metrics: list[Metric]):
+    """The annotation boxes, or None; a ConfigError when a metric needs boxes and there are none."""
+    needs_boxes = [m.name for m in metrics if "boxes" in m.needs]
+    if needs_boxes and not path:
+        raise ConfigError(f"metric(s) {', '.join(needs_boxes)} need bounding boxes: give --annotations FILE")
+    if not path:
+        return None
+    return localization.Annotations.load(path)

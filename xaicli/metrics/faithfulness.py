@@ -15,32 +15,25 @@ from typing import Annotated, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import Metric, auc, chunked_probs, gaussian_blur, normalize01, register, target_probs
+from ..methods.base import Context
+from ..ops import normalize01, reference
+from .base import Curve, Metric, MetricResult, auc, chunked_probs, register, target_probs
 
 Substrate = Literal["mean", "zero", "blur", "uniform"]
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 
 
-def substrate_images(metric: Metric, x: Tensor, kind: str, seed: int) -> Tensor:
-    """What replaces removed pixels, in normalised space, [B,3,H,W]:
+def substrate_images(ctx: Context, x: Tensor, kind: str, seed: int) -> Tensor:
+    """What replaces removed pixels, in normalised space, [B,3,H,W] (ops.reference):
     mean = 0 in normalised space (the dataset's mean colour; RISE's deletion), zero = black
     pixels, blur = Gaussian blur klen 11 sigma 5 of the image (RISE's insertion), uniform =
-    uniform noise in [0, 1] pixel space (seeded, the same on every device)."""
-    mean, std = metric._stats(x)
-    if kind == "mean":
-        return torch.zeros_like(x)
-    if kind == "zero":
-        return ((0.0 - mean) / std).expand_as(x).contiguous()
-    if kind == "blur":
-        return gaussian_blur(x, 11, 5.0)
-    if kind == "uniform":
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.rand(x.shape, generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-        return (noise - mean) / std
-    raise ValueError(f"unknown substrate {kind!r}")
+    uniform noise in [0, 1] pixel space (seeded on the CPU: the same on every device and for
+    every image of the batch)."""
+    kind = "black" if kind == "zero" else kind
+    return reference(x, kind, ctx.mean, ctx.std, seed=seed, blur_sigma=5.0, blur_radius=5)
 
 
 def unit_ranks(maps: Tensor, patch: int, descending: bool = True) -> tuple[Tensor, tuple[int, int]]:
@@ -62,7 +55,8 @@ def unit_ranks(maps: Tensor, patch: int, descending: bool = True) -> tuple[Tenso
 
 
 def perturbation_curve(
-    model: nn.Module,
+    ctx: Context,
+    key: str,
     x: Tensor,
     target: Tensor,
     ranks: Tensor,
@@ -91,7 +85,7 @@ def perturbation_curve(
         keep, fill = (substrate[bi], x[bi]) if insert else (x[bi], substrate[bi])
         return torch.where(mask, fill, keep), target[bi]
 
-    return chunked_probs(model, b * s, make, internal_batch, x.device).view(b, s)
+    return chunked_probs(ctx, key, b * s, make, internal_batch).view(b, s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,8 +103,8 @@ class Deletion(Metric):
     seed: int = 0  # for the uniform substrate
 
     direction: ClassVar[str] = "lower"
+    value_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
     insert: ClassVar[bool] = False
-    score_label: ClassVar[str] = "AUC"
     curve_xlabel: ClassVar[str] = "fraction of pixels removed"
 
     def counts(self, units: int, device) -> Tensor:
@@ -118,18 +112,14 @@ class Deletion(Metric):
         n = math.ceil(units / k)
         return torch.clamp(torch.arange(n + 1, device=device) * k, max=units)
 
-    def __call__(self, model, x, maps, target, **extras) -> dict[str, Tensor]:
+    def compute(self, ctx, x, maps, target, **extras) -> MetricResult:
         ranks, grid = unit_ranks(maps, 1)
         units = ranks.shape[1]
         counts = self.counts(units, x.device)
-        sub = substrate_images(self, x, self.substrate, self.seed)
-        curve = perturbation_curve(model, x, target, ranks, grid, 1, counts, sub, self.insert, self.internal_batch)
-        self._curve_x = (counts.float() / units).tolist()
-        return {self.name: auc(curve), f"{self.name}:curve": curve}
-
-    def curve_x(self, steps: int) -> list[float]:
-        xs = getattr(self, "_curve_x", None)
-        return xs if xs is not None and len(xs) == steps else [i / max(steps - 1, 1) for i in range(steps)]
+        sub = substrate_images(ctx, x, self.substrate, self.seed)
+        y = perturbation_curve(ctx, self.name, x, target, ranks, grid, 1, counts, sub, self.insert, self.internal_batch)
+        curve = Curve((counts.float() / units).tolist(), y, self.curve_xlabel, score_label="AUC")
+        return MetricResult({self.name: auc(y)}, {self.name: curve})
 
 
 @register(
@@ -163,28 +153,26 @@ class RegionPerturbation(Metric):
     seed: int = 0
 
     curve_xlabel: ClassVar[str] = "regions perturbed"
-    score_label: ClassVar[str] = "AOPC"
+    value_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
 
     @property
     def direction(self) -> str:  # type: ignore[override]
         return "higher" if self.order == "morf" else "lower"
 
-    def __call__(self, model, x, maps, target, **extras) -> dict[str, Tensor]:
+    def compute(self, ctx, x, maps, target, **extras) -> MetricResult:
         ranks, grid = unit_ranks(maps, self.patch, descending=self.order == "morf")
         units = ranks.shape[1]
         total = min(self.regions or units, units)
         k = max(1, round(self.per_step * total)) if self.per_step < 1 else int(self.per_step)
         n = math.ceil(total / k)
         counts = torch.clamp(torch.arange(n + 1, device=x.device) * k, max=total)
-        sub = substrate_images(self, x, self.substrate, self.seed)
-        curve = perturbation_curve(model, x, target, ranks, grid, self.patch, counts, sub, False, self.internal_batch)
-        self._curve_x = counts.tolist()
-        aopc = (curve[:, :1] - curve).mean(1)  # (1/(L+1)) sum_k f(x^0) - f(x^k)
-        return {self.name: aopc, f"{self.name}:curve": curve}
-
-    def curve_x(self, steps: int) -> list[float]:
-        xs = getattr(self, "_curve_x", None)
-        return xs if xs is not None and len(xs) == steps else list(range(steps))
+        sub = substrate_images(ctx, x, self.substrate, self.seed)
+        y = perturbation_curve(
+            ctx, self.name, x, target, ranks, grid, self.patch, counts, sub, False, self.internal_batch
+        )
+        aopc = (y[:, :1] - y).mean(1)  # (1/(L+1)) sum_k f(x^0) - f(x^k)
+        curve = Curve([float(c) for c in counts.tolist()], y, self.curve_xlabel, score_label="AOPC")
+        return MetricResult({self.name: aopc}, {self.name: curve})
 
 
 @register(
@@ -216,20 +204,22 @@ class PixelFlipping(RegionPerturbation):
 class _Masked(Metric):
     """Y = p(x), O = p(E (.) x) with E the [0,1] min-max map (constant maps: 1 if positive)."""
 
+    value_range: ClassVar[tuple[float, float]] = (0.0, 100.0)
     internal_batch: PosInt = 32
     space: Literal["normalized", "pixel"] = (
         "normalized"  # multiply E into the normalised tensor (0 -> mean colour) or into [0,1] pixels (0 -> black)
     )
 
-    def confidences(self, model, x, maps, target) -> tuple[Tensor, Tensor]:
+    def confidences(self, ctx, x, maps, target) -> tuple[Tensor, Tensor]:
         e = normalize01(maps).to(x.dtype)[:, None]
         if self.space == "normalized":
             xm = x * e
         else:
-            mean, std = self._stats(x)
+            mean = torch.as_tensor(ctx.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            std = torch.as_tensor(ctx.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
             xm = ((x * std + mean) * e - mean) / std
-        y = target_probs(model, x, target, self.internal_batch)
-        o = target_probs(model, xm, target, self.internal_batch)
+        y = target_probs(ctx, x, target, self.internal_batch, self.name)
+        o = target_probs(ctx, xm, target, self.internal_batch, self.name)
         return y, o
 
 
@@ -240,9 +230,9 @@ class _Masked(Metric):
 class AvgDrop(_Masked):
     direction: ClassVar[str] = "lower"
 
-    def __call__(self, model, x, maps, target, **extras) -> dict[str, Tensor]:
-        y, o = self.confidences(model, x, maps, target)
-        return {self.name: 100.0 * torch.clamp(y - o, min=0) / y.clamp_min(1e-12)}
+    def compute(self, ctx, x, maps, target, **extras) -> MetricResult:
+        y, o = self.confidences(ctx, x, maps, target)
+        return MetricResult({self.name: 100.0 * torch.clamp(y - o, min=0) / y.clamp_min(1e-12)})
 
 
 @register("increase", "Increase in Confidence % (Grad-CAM++): share of images where O > Y. Higher is better")
@@ -250,9 +240,9 @@ class AvgDrop(_Masked):
 class Increase(_Masked):
     direction: ClassVar[str] = "higher"
 
-    def __call__(self, model, x, maps, target, **extras) -> dict[str, Tensor]:
-        y, o = self.confidences(model, x, maps, target)
-        return {self.name: 100.0 * (o > y).float()}
+    def compute(self, ctx, x, maps, target, **extras) -> MetricResult:
+        y, o = self.confidences(ctx, x, maps, target)
+        return MetricResult({self.name: 100.0 * (o > y).float()})
 
 
 @register(
@@ -266,9 +256,9 @@ class Win(_Masked):
     needs: ClassVar[frozenset[str]] = frozenset({"reference"})
     direction: ClassVar[str] = "higher"
 
-    def __call__(self, model, x, maps, target, *, reference: Tensor, **extras) -> dict[str, Tensor]:
-        y, o = self.confidences(model, x, maps, target)
-        _, o_ref = self.confidences(model, x, reference, target)
+    def compute(self, ctx, x, maps, target, *, reference: Tensor, **extras) -> MetricResult:
+        y, o = self.confidences(ctx, x, maps, target)
+        _, o_ref = self.confidences(ctx, x, reference, target)
         # relative drops (Y - O) / Y; the smaller one wins, a tie is no win
         drop, drop_ref = (y - o) / y.clamp_min(1e-12), (y - o_ref) / y.clamp_min(1e-12)
-        return {self.name: 100.0 * (drop < drop_ref).float()}
+        return MetricResult({self.name: 100.0 * (drop < drop_ref).float()})

@@ -11,8 +11,8 @@ Annotation files:
     JSON   {"image": [[x1, y1, x2, y2], ...]}  or  [{"image": ..., "box": [x1, y1, x2, y2]}, ...]
     XML    Pascal VOC (one file, or a folder of them): <filename>, <object><bndbox>; VOC's 1-based
            inclusive xmin..xmax becomes [xmin - 1, xmax)
-`image` matches an image's key (path relative to the input root, without extension), that key
-with the extension, the file name, or the file stem.
+`image` matches an image like every side file does (data.side_keys): its key (path relative to
+the input root, without extension), that key with the extension, the file name, or the file stem.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from ..data import side_keys
 from ..errors import ConfigError
-from .base import Metric, register
+from .base import Metric, MetricResult, register
 
 Box = tuple[float, float, float, float]
 
@@ -81,11 +82,7 @@ class Annotations:
         return cls(table, str(p))
 
     def lookup(self, rel: str, path: Path | str | None) -> list[Box] | None:
-        keys = [rel]
-        if path is not None:
-            p = Path(path)
-            keys += [rel + p.suffix, p.name, p.stem]
-        for k in keys:
+        for k in side_keys(rel, path):
             if k in self.boxes:
                 return self.boxes[k]
         return None
@@ -237,8 +234,9 @@ class PointingGame(Metric):
 
     needs: ClassVar[frozenset[str]] = frozenset({"boxes"})
     direction: ClassVar[str] = "higher"
+    value_range: ClassVar[tuple[float, float]] = (0.0, 100.0)
 
-    def __call__(self, model, x, maps, target, *, boxes: list[Tensor], **extras) -> dict[str, Tensor]:
+    def compute(self, ctx, x, maps, target, *, boxes: list[Tensor], **extras) -> MetricResult:
         b, h, w = maps.shape
         idx = torch.nan_to_num(maps.float(), nan=-float("inf")).flatten(1).argmax(1)
         px = (idx % w).float() + 0.5
@@ -247,7 +245,7 @@ class PointingGame(Metric):
         dx = torch.maximum(bx[..., 0] - px[:, None], px[:, None] - bx[..., 2]).clamp(min=0)
         dy = torch.maximum(bx[..., 1] - py[:, None], py[:, None] - bx[..., 3]).clamp(min=0)
         dist = torch.nan_to_num(torch.sqrt(dx**2 + dy**2), nan=float("inf")).amin(1)
-        return {self.name: 100.0 * (dist <= self.tolerance).float()}
+        return MetricResult({self.name: 100.0 * (dist <= self.tolerance).float()})
 
 
 @register(
@@ -258,13 +256,14 @@ class PointingGame(Metric):
 class EnergyPointing(Metric):
     needs: ClassVar[frozenset[str]] = frozenset({"boxes"})
     direction: ClassVar[str] = "higher"
+    value_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
-    def __call__(self, model, x, maps, target, *, boxes: list[Tensor], **extras) -> dict[str, Tensor]:
+    def compute(self, ctx, x, maps, target, *, boxes: list[Tensor], **extras) -> MetricResult:
         m = torch.nan_to_num(maps.float(), nan=0.0).clamp(min=0)
         inside = box_mask(pad_boxes(boxes, maps.device), tuple(maps.shape[-2:]))
         total = m.flatten(1).sum(1)
         energy = (m * inside).flatten(1).sum(1) / total.clamp_min(1e-12)
-        return {self.name: torch.where(total > 0, energy, torch.zeros_like(energy))}
+        return MetricResult({self.name: torch.where(total > 0, energy, torch.zeros_like(energy))})
 
 
 @register(
@@ -280,11 +279,12 @@ class BoxLocalization(Metric):
     needs: ClassVar[frozenset[str]] = frozenset({"boxes"})
     direction: ClassVar[str] = "higher"
     outputs: ClassVar[dict[str, str]] = {"box-iou": "higher"}
+    value_range: ClassVar[tuple[float, float]] = (0.0, 100.0)
 
-    def __call__(self, model, x, maps, target, *, boxes: list[Tensor], **extras) -> dict[str, Tensor]:
+    def compute(self, ctx, x, maps, target, *, boxes: list[Tensor], **extras) -> MetricResult:
         m = torch.nan_to_num(maps.float(), nan=0.0).clamp(min=0)
         mx = m.flatten(1).amax(1)
         mask = (m >= self.threshold * mx[:, None, None]) & (mx[:, None, None] > 0)
         pred = largest_component_box(mask)
         iou = box_iou(pred, pad_boxes(boxes, maps.device)).amax(1)
-        return {self.name: 100.0 * (iou >= self.iou).float(), "box-iou": iou}
+        return MetricResult({self.name: 100.0 * (iou >= self.iou).float(), "box-iou": iou})

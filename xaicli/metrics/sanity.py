@@ -24,7 +24,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import Metric, register
+from ..hooks import execution_order
+from ..methods.base import eval_mode
+from ..outputs import write_csv
+from .base import Metric, MetricResult, register
 
 
 def average_ranks(v: Tensor) -> Tensor:
@@ -74,8 +77,6 @@ def prep_signed(m: Tensor) -> Tensor:
 def layer_groups(model: nn.Module, x: Tensor, depth: int) -> list[tuple[str, list[str]]]:
     """(group name, module names) from the logits down: parametric modules in execution order,
     grouped by the first `depth` parts of their name, reversed."""
-    from ..methods.hooks import execution_order
-
     groups: dict[str, list[str]] = {}
     for name in execution_order(model, x[:1]):
         key = ".".join(name.split(".")[:depth]) or "(model)"
@@ -109,12 +110,13 @@ class CascadingRandomization(Metric):
     needs: ClassVar[frozenset[str]] = frozenset({"method"})
     direction: ClassVar[str] = "lower"
     outputs: ClassVar[dict[str, str]] = {"sanity-signed": "lower"}
+    value_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
 
-    def __call__(self, model, x, maps, target, *, method, **extras) -> dict[str, Tensor]:
-        from ..methods.base import eval_mode
-
-        groups = layer_groups(model, x, self.depth)
-        rnd = copy.deepcopy(model)
+    def compute(self, ctx, x, maps, target, *, method, **extras) -> MetricResult:
+        """`method` is the BoundMethod that made `maps`; it is rebound to the randomized copy at
+        every step (a bound method may hold model-specific state: a head, a canonized copy)."""
+        groups = layer_groups(ctx.model, x, self.depth)
+        rnd = copy.deepcopy(ctx.model)
         named = dict(rnd.named_modules())
         orig_abs, orig_signed = prep_abs(maps), prep_signed(maps)
         rho_abs, rho_signed = [], []
@@ -122,13 +124,13 @@ class CascadingRandomization(Metric):
         with eval_mode(rnd):
             for i, (_, names) in enumerate(steps):
                 randomize_([named[n] for n in names], self.seed + i)
-                m = method(rnd, x, target).detach()
+                m = method.rebind(rnd)(x, target).maps.detach()
                 m = torch.nan_to_num(m.float(), nan=0.0, posinf=0.0, neginf=0.0)
                 rho_abs.append(spearman(orig_abs, prep_abs(m)))
                 rho_signed.append(spearman(orig_signed, prep_signed(m)))
         del rnd
         ra, rs = torch.stack(rho_abs, 1).cpu(), torch.stack(rho_signed, 1).cpu()
-        self._table = [
+        table = [
             {
                 "index": j,
                 "step": i,
@@ -139,13 +141,14 @@ class CascadingRandomization(Metric):
             for j in range(ra.shape[0])
             for i in range(ra.shape[1])
         ]
-        return {self.name: ra[:, -1], f"{self.name}-signed": rs[:, -1]}
+        return MetricResult({self.name: ra[:, -1], f"{self.name}-signed": rs[:, -1]}, table=table)
+
+
+SANITY_FIELDS = ["image", "method", "step", "layer", "spearman_abs", "spearman_signed"]
 
 
 def write_sanity(out: Path, rows: list[dict]) -> list[Path]:
     """OUT/sanity.csv and one plot per method: mean correlation against the layers randomized."""
-    import csv
-
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -153,12 +156,7 @@ def write_sanity(out: Path, rows: list[dict]) -> list[Path]:
 
     from ..outputs import atomic_write_bytes
 
-    fields = ["image", "method", "step", "layer", "spearman_abs", "spearman_signed"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(out / "sanity.csv", buf.getvalue().encode("utf-8"))
+    write_csv(out / "sanity.csv", SANITY_FIELDS, rows)
     plots = []
     for method in dict.fromkeys(r["method"] for r in rows):
         per: dict[int, list] = {}

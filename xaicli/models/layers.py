@@ -15,15 +15,16 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
+from ..hooks import trace_outputs
 
 _POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _PASS = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
+def get_module(model: nn.Module, name: str, input_size: tuple[int, int] = (224, 224)) -> nn.Module:
     modules = dict(model.named_modules())
     if name not in modules:
-        cands = spatial_layers(model)
+        cands = spatial_layers(model, input_size)
         shown = ", ".join(cands[-12:])
         raise MethodError(f"layer '{name}' is not a module of this model; spatial candidates (last 12): {shown}")
     return modules[name]
@@ -31,33 +32,9 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 def _trace(model: nn.Module, input_size: tuple[int, int]) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """(name, module, output) for every module in completion order, from one dummy forward."""
-    records: list[tuple[str, nn.Module, torch.Tensor]] = []
-    handles = []
-
-    def make(name, mod):
-        def hook(_m, _i, out):
-            if isinstance(out, torch.Tensor):
-                records.append((name, mod, out))
-
-        return hook
-
-    try:
-        for name, mod in model.named_modules():
-            if name:
-                handles.append(mod.register_forward_hook(make(name, mod)))
-        p = next(model.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(torch.zeros(1, 3, *input_size, device=dev))
-        finally:
-            model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
-    return records
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    return trace_outputs(model, torch.zeros(1, 3, *input_size, device=dev))
 
 
 def _is_spatial(t: torch.Tensor) -> bool:

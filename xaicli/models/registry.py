@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from .preprocess import Preprocess
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -241,3 +241,13 @@ def load_model_cfg(mcfg, device: str | torch.device = "cpu") -> LoadedModel:
     return load_model(
         mcfg.name, mcfg.weights, num_classes=mcfg.num_classes, class_names=mcfg.class_names, device=device
     )
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{spec}' was asked for but CUDA is not available here (use auto or cpu)")
+    if spec == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device: 'mps' was asked for but is not available here (use auto or cpu)")
+    return torch.device(spec)

@@ -1,4 +1,4 @@
-"""THE ONLY module that registers hooks on a model.
+"""THE ONLY module that registers hooks on a model (layer 0: imports torch only).
 
 Every hook is installed by a context manager and removed on any exit, exceptions included.
 Hooks never modify the user's modules; activations are captured with a forward hook that
@@ -14,7 +14,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..models.layers import get_module
+
+def _module(model: nn.Module, layer: str | nn.Module) -> nn.Module:
+    """A module given by name (validated by the model adapter beforehand) or as is."""
+    if isinstance(layer, nn.Module):
+        return layer
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise KeyError(f"layer '{layer}' is not a module of this model")
+    return modules[layer]
 
 
 class Capture:
@@ -25,7 +33,7 @@ class Capture:
 
 
 @contextmanager
-def capture(model: nn.Module, layer: str, start_graph: bool = False) -> Iterator[Capture]:
+def capture(model: nn.Module, layer: str | nn.Module, start_graph: bool = False) -> Iterator[Capture]:
     """Record the output of `model.<layer>`; the hook is removed when the block exits.
 
     start_graph=True makes the captured activation a leaf that requires grad and turns autograd
@@ -33,7 +41,7 @@ def capture(model: nn.Module, layer: str, start_graph: bool = False) -> Iterator
     layer are recorded, so d(score)/d(activation) costs a head-only backward and the trunk runs
     at inference speed and memory.
     """
-    module = get_module(model, layer)
+    module = _module(model, layer)
     cap = Capture()
 
     def hook(_mod, _inp, out):
@@ -72,6 +80,34 @@ def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     return order
 
 
+def trace_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """(name, module, output) for every named submodule whose output is a tensor, in completion
+    order, from one forward pass of `x` in eval mode without autograd; hooks removed after."""
+    records: list[tuple[str, nn.Module, torch.Tensor]] = []
+    handles = []
+
+    def make(name, mod):
+        def hook(_m, _i, out):
+            if isinstance(out, torch.Tensor):
+                records.append((name, mod, out))
+
+        return hook
+
+    was_training = model.training
+    try:
+        for name, mod in model.named_modules():
+            if name:
+                handles.append(mod.register_forward_hook(make(name, mod)))
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return records
+
+
 def count_hooks(model: nn.Module) -> int:
     """Number of hooks of any kind on the model's modules (0 for a clean model)."""
     n = 0
@@ -98,9 +134,9 @@ class IOCapture:
 
 
 @contextmanager
-def capture_io(model: nn.Module, layer: str) -> Iterator[IOCapture]:
+def capture_io(model: nn.Module, layer: str | nn.Module) -> Iterator[IOCapture]:
     """Record the first positional input and the output of `model.<layer>`; read-only."""
-    module = get_module(model, layer)
+    module = _module(model, layer)
     cap = IOCapture()
 
     def hook(_mod, inp, out):

@@ -1,0 +1,179 @@
+"""The engine: one pure batch step and one loop that feeds its results to sinks.
+
+    DataLoader (decode in workers) ──► step(batch) ──► BatchResult ──► sinks (files, CSV, metrics)
+
+`explain_step` is a pure function (tensors in, results out: maps, status, target, logits, extras,
+seconds); it runs every bound method over the batch with the chunker's out-of-memory back-off
+(halve the outer batch; an image that does not fit alone is flagged `oom`). A Ray Data worker or a
+notebook can call it without the rest. `Engine.run` is the loop: progress, the JSON log, decode
+failures to the error sink, Ctrl-C/SIGTERM (KeyboardInterrupt) after closing the sinks, so that
+every finished batch stays on disk. `xai explain`, `xai explain --metrics` and `xai evaluate` are
+wirings of these two (xaicli/explain.py, xaicli/evaluate.py); the sinks live in xaicli/sinks.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .data import Batch, ImageItem, printable
+from .methods.base import BoundMethod
+from .ops import Chunker
+
+OK, NONFINITE, OOM = "ok", "nonfinite", "oom"
+
+
+@dataclass
+class MethodOutput:
+    """One method's results for a batch, on the device."""
+
+    maps: Tensor  # [B, H, W] or [B, K, H, W] float32; NaN for images that failed
+    status: list[str]  # per image: ok | nonfinite | oom
+    extras: dict[str, Tensor] = field(default_factory=dict)  # declared per-image values [B]
+    seconds: float = 0.0  # device time for the whole batch
+    names: tuple[str, ...] = ()  # K map names, () for a single map
+
+
+@dataclass
+class BatchResult:
+    """What sinks consume: the batch and, per method key, its output."""
+
+    items: list[ImageItem]
+    x: Tensor  # [B, 3, H, W] on the device
+    origs: list  # original pixels (HxWx3 uint8 tensors), for overlays and annotation boxes
+    target: Tensor  # [B] the explained classes (on the device)
+    logits: Tensor | None  # [B, C] of the clean batch (None when evaluating stored maps)
+    outputs: dict[str, MethodOutput]
+
+
+class Sink(Protocol):
+    def consume(self, result: BatchResult) -> None: ...
+
+    def fail(self, rows: list[dict]) -> None: ...  # images that could not be decoded / targeted
+
+    def close(self, status: str) -> None: ...
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_method(key: str, bound: BoundMethod, x: Tensor, target: Tensor | None, chunker: Chunker):
+    """(MethodOutput without timing, logits or None) of one method over the batch, with back-off."""
+
+    def part(start: int, end: int):
+        return bound(x[start:end], target[start:end] if target is not None else None)
+
+    parts = chunker.split(key, x.shape[0], part, x.device)
+    ok = [r for r, _ in parts if r is not None]
+    names = tuple(bound.spec.map_names)
+    shape = tuple(ok[0].maps.shape[1:]) if ok else ((len(names),) if names else ()) + tuple(x.shape[-2:])
+    maps = torch.cat([r.maps.float() if r is not None else _nan((n, *shape), x) for r, n in parts])
+    logits = None
+    if ok and all(r is None or r.logits is not None for r, _ in parts):
+        c = ok[0].logits.shape[1]
+        logits = torch.cat([r.logits.float() if r is not None else _nan((n, c), x) for r, n in parts])
+    extras = {
+        e: torch.cat([r.extras[e].float() if r is not None and e in r.extras else _nan((n,), x) for r, n in parts])
+        for e in bound.spec.extras
+        if any(e in r.extras for r in ok)
+    }
+    failed = [r is None for r, n in parts for _ in range(n)]
+    finite = torch.isfinite(maps).flatten(1).all(dim=1).tolist()
+    status = [OOM if f else (OK if fin else NONFINITE) for f, fin in zip(failed, finite, strict=True)]
+    return MethodOutput(maps, status, extras, names=names), logits
+
+
+def _nan(shape, like: Tensor) -> Tensor:
+    return torch.full(shape, float("nan"), device=like.device)
+
+
+def plain_logits(model, x: Tensor, chunker: Chunker) -> Tensor:
+    """A forward pass with the same back-off, for batches where no method returned logits."""
+
+    def fwd(start: int, end: int) -> Tensor:
+        with torch.no_grad():
+            return model(x[start:end]).float()
+
+    parts = chunker.split("forward", x.shape[0], fwd, x.device)
+    c = next((p.shape[1] for p, _ in parts if p is not None), 1)
+    return torch.cat([p if p is not None else _nan((n, c), x) for p, n in parts])
+
+
+def explain_step(
+    methods: dict[str, BoundMethod], x: Tensor, target: Tensor | None, chunker: Chunker
+) -> tuple[Tensor, Tensor, dict[str, MethodOutput]]:
+    """The pure batch step: (target [B], logits [B, C], {key: MethodOutput}) for a batch on the device."""
+    outputs, logits = {}, None
+    for key, bound in methods.items():
+        sync(x.device)
+        t0 = time.perf_counter()
+        out, lg = run_method(key, bound, x, target, chunker)
+        sync(x.device)
+        out.seconds = time.perf_counter() - t0
+        outputs[key] = out
+        if logits is None and lg is not None and torch.isfinite(lg).all():
+            logits = lg
+    if logits is None:
+        logits = plain_logits(next(iter(methods.values())).model, x, chunker)
+    tgt = target if target is not None else logits.argmax(dim=1)
+    return tgt, logits, outputs
+
+
+class Engine:
+    """The loop: batches from a loader -> `step` -> every sink; progress and the JSON log around it."""
+
+    def __init__(self, step, sinks: list[Sink], device: torch.device, progress=None, log=None):
+        self.step = step  # (x on device, target on device or None, batch) -> BatchResult
+        self.sinks = sinks
+        self.device = device
+        self.progress = progress
+        self.log = log
+
+    def run(self, loader, items: list[ImageItem], failed: list[dict] | None = None, total: int | None = None) -> str:
+        """Consume the loader; returns the final status (done | interrupted | error)."""
+        status = "error"
+        if self.progress:
+            self.progress.start(total if total is not None else len(items))
+        try:
+            if failed:
+                self._fail(failed)
+            for batch in loader:
+                self._batch(batch, items)
+            status = "done"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            for s in self.sinks:
+                s.close(status)
+            if self.progress:
+                self.progress.stop()
+        return status
+
+    def _fail(self, rows: list[dict]) -> None:
+        for s in self.sinks:
+            s.fail(rows)
+        if self.progress:
+            self.progress.advance(len(rows))
+
+    def _batch(self, batch: Batch, items: list[ImageItem]) -> None:
+        if batch.failures:
+            self._fail([error_row(items[i], reason) for i, reason in batch.failures])
+        if batch.x is None or not batch.indices:
+            return
+        x = batch.x.to(self.device, non_blocking=True)
+        result = self.step(x, batch)
+        for s in self.sinks:
+            s.consume(result)
+        if self.progress:
+            self.progress.advance(len(batch.indices))
+
+
+def error_row(it: ImageItem, reason: str) -> dict:
+    return {"image": it.rel, "path": printable(str(it.path)), "reason": reason}

@@ -1,0 +1,63 @@
+"""Decoding one image file to 8-bit RGB (layer 0: PIL and numpy only).
+
+Used by the DataLoader workers (xaicli/data.py) and by anything else that reads a picture (IG's
+image baseline): EXIF orientation applied, first frame, grayscale/palette/CMYK/16-bit converted,
+transparency composited over white, and a pixel limit checked from the header before decoding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's hard limit (2 x MAX_IMAGE_PIXELS): bigger is a decompression bomb
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled (not clipped), alpha composited over white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return Image.fromarray((a * 255 + 0.5).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, check the pixel limit, apply EXIF orientation and convert to RGB (first frame).
+
+    The size comes from the header before anything is decoded, so a decompression bomb is
+    refused without allocating its pixels. PIL's own global guard (`Image.MAX_IMAGE_PIXELS`) is
+    left as the process has it: only the DataLoader's worker processes lift it (for a
+    `max_pixels` above PIL's limit), never the user's process.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{e} (above PIL's decompression-bomb limit in this process)") from None
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"{w}x{h} = {w * h} pixels is above the pixel limit {max_pixels} (max_pixels)")
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)

@@ -1,0 +1,79 @@
+"""Model knowledge in one place: what a method may ask about a model, answered here.
+
+    adapter.default_layer()     the CAM target layer (last spatial feature block; a ViT's token layer)
+    adapter.module(name)        a named module, or a MethodError listing the candidates
+    adapter.head()              the classifier Linear that reads the pooled features (CAM's check)
+    adapter.to_grid(t)          token activations [B, N, D] -> [B, D, h, w]; spatial maps unchanged
+    adapter.canonizers()        model-specific canonizers for LRP (none yet: the LRP issue adds them)
+
+timm models answer through their own API (`get_classifier()`, `feature_info`); other models
+through a traced dummy forward. Methods never inspect modules themselves.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import MethodError
+from .layers import find_target_layer, get_module, spatial_layers, tokens_to_grid
+
+
+class ModelAdapter:
+    def __init__(self, model: nn.Module, input_size: tuple[int, int] = (224, 224)):
+        self.model = model
+        self.input_size = tuple(input_size)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def is_timm(self) -> bool:
+        return type(self.model).__module__.startswith("timm.") and hasattr(self.model, "get_classifier")
+
+    def module(self, name: str) -> nn.Module:
+        return get_module(self.model, name, self.input_size)
+
+    @cached_property
+    def _default_layer(self) -> str:
+        return find_target_layer(self.model, self.input_size)
+
+    def default_layer(self) -> str:
+        return self._default_layer
+
+    def resolve_layer(self, name: str | None) -> str:
+        """The named layer (checked) or the default one."""
+        if name is None:
+            return self.default_layer()
+        self.module(name)
+        return name
+
+    def candidate_layers(self) -> list[str]:
+        """Layers a user may name: timm's feature_info modules, else every spatial/token layer."""
+        if self.is_timm and getattr(self.model, "feature_info", None):
+            return [f["module"] for f in self.model.feature_info]
+        return spatial_layers(self.model, self.input_size)
+
+    def head(self) -> str | None:
+        """Name of the classifier Linear (timm: `get_classifier()`; else the last Linear), or None."""
+        named = {id(m): n for n, m in self.model.named_modules()}
+        if self.is_timm:
+            clf = self.model.get_classifier()
+            if isinstance(clf, nn.Linear) and id(clf) in named:
+                return named[id(clf)]
+        linears = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+        return linears[-1] if linears else None
+
+    def to_grid(self, t: Tensor) -> Tensor:
+        if t.dim() == 3:  # ViT tokens [B, N, D] -> [B, D, h, w]
+            return tokens_to_grid(t, self.input_size)
+        if t.dim() != 4:
+            raise MethodError(f"a layer output of shape {tuple(t.shape)} is neither a [B,C,h,w] map nor [B,N,D] tokens")
+        return t
+
+    def canonizers(self) -> list:
+        return []

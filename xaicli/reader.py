@@ -1,0 +1,124 @@
+"""The output folder as code: a reader of the documented layout (xaicli/outputs.py).
+
+`xai evaluate`, the coming HTML report and users' scripts read a run through this one class:
+
+    run = RunFolder("xai-out")
+    run.config                      # the RunConfig the run used (validated), run.resolved, run.versions
+    run.methods                     # {key: (names of its maps, () for one)}
+    for row in run.explanations():  # explanations.csv rows (a later row for the same key wins)
+        m = run.load_map(row["method"], row["image"])   # float32 [H, W] (or [K, H, W])
+    run.metrics(), run.metrics_summary(), run.errors(), run.manifest()
+
+Layer: reads files only; imports config (to validate run.yaml) and outputs (the layout).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .outputs import MANIFEST, map_paths, read_csv, read_run_yaml
+
+
+class RunFolder:
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        if not self.out.is_dir():
+            raise InputError(f"{self.out}: no such output folder (run `xai explain` first, or name the folder)")
+        self.run = read_run_yaml(self.out)
+        if not self.run or "config" not in self.run:
+            raise InputError(f"{self.out}: no run.yaml here; is this an output folder of `xai explain`?")
+
+    # -- run.yaml --------------------------------------------------------------------------------
+    @property
+    def config(self):
+        """The run's RunConfig; metrics this version does not know are dropped (the maps still count)."""
+        from pydantic import ValidationError
+
+        from .config import RunConfig, format_validation_error
+
+        try:
+            return RunConfig.model_validate(self.run["config"])
+        except ValidationError:
+            try:
+                return RunConfig.model_validate({**self.run["config"], "metrics": []})
+            except ValidationError as e:
+                raise ConfigError(format_validation_error(e, str(self.out / "run.yaml"))) from None
+
+    @property
+    def resolved(self) -> dict:
+        return self.run.get("resolved") or {}
+
+    @property
+    def versions(self) -> dict:
+        return self.run.get("versions") or {}
+
+    @property
+    def methods(self) -> dict[str, tuple[str, ...]]:
+        from .methods import METHODS
+
+        out = {}
+        for m in self.run["config"].get("methods", []):
+            cls = METHODS.get(m.get("name"))
+            out[m.get("id") or m.get("name")] = tuple(cls.map_names) if cls else ()
+        return out
+
+    # -- tables ----------------------------------------------------------------------------------
+    def explanations(self) -> list[dict]:
+        return read_csv(self.out / "explanations.csv")
+
+    def latest(self) -> dict[str, dict[str, dict]]:
+        """{image: {method: row}}, the last row of each (image, method) winning."""
+        by_image: dict[str, dict[str, dict]] = {}
+        for r in self.explanations():
+            by_image.setdefault(r["image"], {})[r["method"]] = r
+        return by_image
+
+    def errors(self) -> list[dict]:
+        return read_csv(self.out / "errors.csv")
+
+    def metrics(self) -> list[dict]:
+        return read_csv(self.out / "metrics.csv")
+
+    def metrics_summary(self) -> list[dict]:
+        return read_csv(self.out / "metrics_summary.csv")
+
+    def manifest(self) -> dict:
+        p = self.out / MANIFEST
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+    # -- maps ------------------------------------------------------------------------------------
+    def map_files(self, method: str, image: str) -> list[Path]:
+        """The .npy files of one (method, image): one, or one per named map."""
+        names = self.methods.get(method, ()) or (None,)
+        return [map_paths(self.out, method, image, n)[1] for n in names]
+
+    def has_maps(self, method: str, image: str) -> bool:
+        return all(p.is_file() for p in self.map_files(method, image))
+
+    def load_map(self, method: str, image: str) -> np.ndarray:
+        """float32 [H, W], or [K, H, W] for a method with named maps."""
+        arrs = [np.load(p).astype(np.float32, copy=False) for p in self.map_files(method, image)]
+        return arrs[0] if len(arrs) == 1 and not self.methods.get(method) else np.stack(arrs)
+
+
+def manifest_of(out: Path, status: str) -> dict:
+    """What a run wrote, by kind (listed from the folder at the end of the run)."""
+    run = read_run_yaml(out)
+    keys = [m.get("id") or m.get("name") for m in (run.get("config") or {}).get("methods", [])]
+    rows = read_csv(out / "explanations.csv")
+    per = {k: sum(1 for r in rows if r["method"] == k and r["status"] == "ok") for k in keys}
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+    return {
+        "status": status,
+        "config_hash": run.get("config_hash"),
+        "files": files,
+        "maps": {k: {"folder": k, "ok": n} for k, n in per.items()},
+        "explanations": len(rows),
+        "errors": len(read_csv(out / "errors.csv")),
+        "metrics": sorted({r["metric"] for r in read_csv(out / "metrics.csv")}),
+        "plots": [f for f in files if f.endswith(".png")],
+    }

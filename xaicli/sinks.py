@@ -1,0 +1,383 @@
+"""Sinks: what the engine's batch results become on disk.
+
+    ErrorSink    OUT/errors.csv rows (decode failures, missing labels, files that cannot be written)
+    MapSink      OUT/<method>/<rel>.png|.npy on a thread pool, then the batch's explanations.csv rows
+    MetricSink   OUT/metrics.csv (+ summary, curves, plots, sanity.csv) from the maps on the device
+
+Every sink has `consume(BatchResult)`, `fail(rows)` and `close(status)`; the engine calls close on
+any exit (Ctrl-C, SIGTERM, an error), so everything finished stays on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import printable
+from .engine import OK, BatchResult
+from .outputs import (
+    ERROR_FIELDS,
+    CsvAppender,
+    atomic_write_bytes,
+    ensure_inside,
+    map_paths,
+    overlay,
+    read_csv,
+    save_npy,
+    save_png,
+    write_csv,
+)
+
+METRIC_FIELDS = ["image", "method", "metric", "value"]
+SUMMARY_FIELDS = ["method", "metric", "mean", "std", "n"]
+CURVE_FIELDS = ["metric", "method", "x", "mean"]
+PARTIAL = ".metrics-partial.csv"
+
+
+def _fmt(v: float) -> str:
+    return "nan" if not math.isfinite(v) else f"{v:.9g}"
+
+
+class ErrorSink:
+    """errors.csv, the summary's failure count and the JSON log's image_error events."""
+
+    def __init__(self, out: Path, summary, log):
+        self.table = CsvAppender(out / "errors.csv", ERROR_FIELDS)
+        self.summary = summary
+        self.log = log
+
+    def fail(self, rows: list[dict]) -> None:
+        self.table.append(rows)
+        self.summary.failed += len(rows)
+        self.summary.errors.extend((r["path"], r["reason"]) for r in rows)
+        for r in rows:
+            self.log.event("image_error", image=r["image"], reason=r["reason"])
+
+    def consume(self, result: BatchResult) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# maps and explanations.csv
+# --------------------------------------------------------------------------------------------
+def _write_one(out: Path, png: Path, npy: Path, cam: np.ndarray, orig: np.ndarray, box, cmap: str, alpha: float):
+    ensure_inside(out, png)
+    save_npy(npy, cam)
+    save_png(png, overlay(orig, cam, box, cmap, alpha))
+
+
+@dataclass
+class MapStyle:
+    colormap: str = "jet"
+    alpha: float = 0.5
+
+
+class MapSink:
+    """Encodes map files on a thread pool; appends a batch's CSV rows once all its files exist.
+
+    A file that cannot be written (a path through a symlink out of OUT, a name too long...) fails
+    that image and method only: its row goes to errors.csv instead.
+    """
+
+    def __init__(self, out: Path, lm, fields, keys: dict, style: MapStyle, summary, log, errors: ErrorSink):
+        self.out, self.lm, self.style, self.summary, self.log, self.errors = out, lm, style, summary, log, errors
+        self.keys = keys  # rel -> (size, mtime_ns): the resume key
+        self.table = CsvAppender(out / "explanations.csv", fields)
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="xai-writer")
+        self.pending: deque[tuple[list[tuple[Future, str, str]], list[dict]]] = deque()
+
+    def fail(self, rows: list[dict]) -> None:
+        pass
+
+    def consume(self, result: BatchResult) -> None:
+        probs = torch.softmax(result.logits.float(), dim=1).cpu()
+        tgt = result.target.cpu()
+        origs = [o.numpy() for o in result.origs]
+        futures, rows = [], []
+        for key, out in result.outputs.items():
+            maps = out.maps.detach().float().cpu()  # one transfer per batch and method
+            self.summary.method_seconds[key] = self.summary.method_seconds.get(key, 0.0) + out.seconds
+            for j, it in enumerate(result.items):
+                rows.append(self._row(key, out, j, it, maps[j], probs[j], int(tgt[j])))
+                if out.status[j] == OK:
+                    futures += self._submit(key, out.names, it.rel, maps[j], origs[j])
+                else:
+                    self.summary.flagged += 1
+                    self.log.event("map_flagged", image=it.rel, method=key, status=out.status[j])
+        self.summary.done += len(result.items)
+        self.pending.append((futures, rows))
+        self._drain(block=len(self.pending) > 4)
+
+    def _row(self, key, out, j, it, m, probs, t) -> dict:
+        size_mtime = self.keys.get(it.rel) or ("", "")
+        top_p, top_c = probs.max(dim=0)
+        row = {
+            "image": it.rel,
+            "method": key,
+            "target_class": t,
+            "target_label": self.lm.label(t),
+            "target_prob": f"{float(probs[t]):.6f}",
+            "top1_class": int(top_c),
+            "top1_label": self.lm.label(int(top_c)),
+            "top1_prob": f"{float(top_p):.6f}",
+            "seconds": f"{out.seconds / len(out.status):.6f}",
+            "map_min": f"{float(m.min()):.6g}",
+            "map_max": f"{float(m.max()):.6g}",
+            "status": out.status[j],
+            "path": str(it.path),
+            "size": size_mtime[0],
+            "mtime_ns": size_mtime[1],
+        }
+        row["path"] = printable(row["path"])
+        for name, vals in out.extras.items():
+            row[name] = f"{float(vals[j]):.6g}"
+        return row
+
+    def _submit(self, key: str, names: tuple[str, ...], rel: str, m: torch.Tensor, orig: np.ndarray) -> list:
+        h, w = orig.shape[:2]
+        box = self.lm.preprocess.crop_box(w, h)
+        maps = [(None, m)] if not names else list(zip(names, m, strict=True))
+        futs = []
+        for name, one in maps:
+            png, npy = map_paths(self.out, key, rel, name)
+            args = (self.out, png, npy, one.numpy(), orig, box, self.style.colormap, self.style.alpha)
+            futs.append((self.pool.submit(_write_one, *args), rel, key))
+        return futs
+
+    def _drain(self, block: bool) -> None:
+        while self.pending and (block or all(f.done() for f, _, _ in self.pending[0][0])):
+            futures, rows = self.pending.popleft()
+            failed = {}
+            for f, image, method in futures:
+                exc = f.exception()
+                if exc is not None:
+                    if not isinstance(exc, OSError):
+                        raise exc
+                    failed[(image, method)] = f"could not write output: {type(exc).__name__}: {exc}"
+            bad = [r for r in rows if (r["image"], r["method"]) in failed]
+            self.errors.fail(
+                [
+                    {
+                        "image": r["image"],
+                        "path": r["path"],
+                        "reason": f"{r['method']}: {failed[(r['image'], r['method'])]}",
+                    }
+                    for r in bad
+                ]
+            )
+            self.table.append([r for r in rows if (r["image"], r["method"]) not in failed])
+            block = block and len(self.pending) > 4
+
+    def close(self, status: str) -> None:
+        try:
+            while self.pending:
+                self._drain(block=True)
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EvalSummary:
+    out: Path
+    images: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    rows: list[dict] = field(default_factory=list)  # metrics_summary.csv rows
+    plots: list[Path] = field(default_factory=list)
+    directions: dict[str, str] = field(default_factory=dict)
+
+
+class MetricSink:
+    """Computes every metric on each batch (on its device) and writes the metric files.
+
+    Rows go to OUT/.metrics-partial.csv as batches finish and are merged into metrics.csv on
+    close (also after Ctrl-C); rows a killed run left in the partial file are merged first, never
+    deleted. replace_all (xai evaluate, when it completes): earlier rows of the metrics computed
+    now are dropped; otherwise only rows of the same (image, method, metric) are replaced.
+    """
+
+    def __init__(self, out: Path, metrics: list, ctx, methods: dict, annotations=None, replace_all: bool = False):
+        self.out = Path(out)
+        self.metrics, self.ctx, self.methods, self.annotations = metrics, ctx, methods, annotations
+        self.replace_all = replace_all
+        self.curves: dict[tuple[str, str], list] = {}  # (metric, method) -> [sum, count, Curve]
+        self.sanity_rows: list[dict] = []
+        self.directions: dict[str, str] = {m.name: m.direction for m in metrics}
+        self.result: EvalSummary | None = None
+        if (self.out / PARTIAL).exists():
+            _merge(self.out, read_csv(self.out / PARTIAL), names=set(), replace_all=False)
+            (self.out / PARTIAL).unlink(missing_ok=True)
+        self.rows = CsvAppender(self.out / PARTIAL, METRIC_FIELDS)
+
+    def fail(self, rows: list[dict]) -> None:
+        pass
+
+    def consume(self, result: BatchResult) -> None:
+        boxes = self._boxes(result)
+        maps = {}  # a method with K named maps is scored per map, as "<method>/<name>"
+        for k, o in result.outputs.items():
+            maps.update({f"{k}/{n}": o.maps[:, j] for j, n in enumerate(o.names)} if o.names else {k: o.maps})
+        rows = []
+        for metric in self.metrics:
+            for key, m in maps.items():
+                rows += self._one(metric, key, m, maps, result, boxes)
+        self.rows.append(rows)
+
+    def _boxes(self, result: BatchResult):
+        if self.annotations is None:
+            return None
+        pre, hw, dev = self.ctx.preprocess, tuple(result.x.shape[-2:]), result.x.device
+        sizes = [(int(o.shape[1]), int(o.shape[0])) for o in result.origs]
+        return [
+            self.annotations.boxes_in_input(it.rel, it.path, size, pre, hw, dev)
+            for it, size in zip(result.items, sizes, strict=True)
+        ]
+
+    def _one(self, metric, key: str, m, maps: dict, result: BatchResult, boxes) -> list[dict]:
+        extras, sel = {}, list(range(len(result.items)))
+        if "reference" in metric.needs:
+            if key == metric.against:
+                return []
+            extras["reference"] = maps[metric.against].float()
+        if "method" in metric.needs:
+            if key not in self.methods:  # one of K named maps: no single map to recompute
+                return []
+            extras["method"] = self.methods[key]
+        if "boxes" in metric.needs:
+            sel = [j for j, b in enumerate(boxes) if b is not None and len(b)]
+            extras["boxes"] = [boxes[j] for j in sel]
+        if not sel:
+            return []
+        idx = torch.tensor(sel, device=result.x.device)
+        if "reference" in extras:
+            extras["reference"] = extras["reference"][idx]
+        res = metric(self.ctx, result.x[idx], m.float()[idx], result.target[idx], **extras)
+        its = [result.items[j] for j in sel]
+        for name, curve in res.curves.items():
+            y = curve.y.detach().double().cpu()
+            ok = torch.isfinite(y).all(dim=1)
+            acc = self.curves.setdefault((name, key), [torch.zeros(y.shape[1:], dtype=torch.float64), 0, curve, metric])
+            acc[0] += y[ok].sum(0)
+            acc[1] += int(ok.sum())
+        for r in res.table:
+            self.sanity_rows.append({"image": its[r.pop("index")].rel, "method": key, **r})
+        rows = []
+        for name, val in res.scores.items():
+            self.directions.setdefault(name, metric.direction)
+            vals = val.detach().double().cpu().tolist()
+            rows += [
+                {"image": it.rel, "method": key, "metric": name, "value": _fmt(v)}
+                for it, v in zip(its, vals, strict=True)
+            ]
+        return rows
+
+    def close(self, status: str) -> None:
+        new = read_csv(self.out / PARTIAL)
+        names = {r["metric"] for r in new} | {m.name for m in self.metrics}
+        all_rows = _merge(self.out, new, names, replace_all=self.replace_all and status == "done")
+        (self.out / PARTIAL).unlink(missing_ok=True)
+        summary = summarize(all_rows)
+        write_csv(self.out / "metrics_summary.csv", SUMMARY_FIELDS, summary)
+        from .metrics.base import direction_of
+
+        res = EvalSummary(self.out, rows=summary)
+        res.directions = {r["metric"]: direction_of(r["metric"]) for r in summary} | self.directions
+        res.plots = self._write_curves(summary)
+        if self.sanity_rows:
+            from .metrics.sanity import write_sanity
+
+            res.plots += write_sanity(self.out, self.sanity_rows)
+        self.result = res
+
+    def _write_curves(self, summary: list[dict]) -> list[Path]:
+        means = {k: (s / n, c, m) for k, (s, n, c, m) in self.curves.items() if n}
+        if not means:
+            return []
+        lines = [
+            {"metric": name, "method": key, "x": _fmt(float(a)), "mean": _fmt(float(b))}
+            for (name, key), (mean, c, _) in means.items()
+            for a, b in zip(c.x, mean.tolist(), strict=True)
+        ]
+        write_csv(self.out / "metrics_curves.csv", CURVE_FIELDS, lines)
+        stat = {(r["metric"], r["method"]): r for r in summary}
+        plots = []
+        for name in dict.fromkeys(n for n, _ in means):
+            per = [(key, *means[(n, key)]) for (n, key) in means if n == name]
+            plots.append(plot_curves(self.out / f"metrics_{name}.png", name, per, stat))
+        return plots
+
+
+def _merge(out: Path, new: list[dict], names: set[str], replace_all: bool) -> list[dict]:
+    """metrics.csv := its rows not replaced by `new` (same image/method/metric; with replace_all
+    every row of the metrics in `names`) + `new`. Returns all rows."""
+    keys = {(r["image"], r["method"], r["metric"]) for r in new}
+    old = [
+        r
+        for r in read_csv(out / "metrics.csv")
+        if (r["image"], r["method"], r["metric"]) not in keys and not (replace_all and r["metric"] in names)
+    ]
+    rows = old + new
+    write_csv(out / "metrics.csv", METRIC_FIELDS, rows)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """metrics.csv rows -> (method, metric, mean, std, n) over finite values; std is the sample std."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        try:
+            v = float(r["value"])
+        except (TypeError, ValueError):
+            continue
+        groups.setdefault((r["method"], r["metric"]), [])
+        if math.isfinite(v):
+            groups[(r["method"], r["metric"])].append(v)
+    out = []
+    for (method, metric), vals in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        n = len(vals)
+        mean = sum(vals) / n if n else float("nan")
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0 if n else float("nan")
+        out.append({"method": method, "metric": metric, "mean": _fmt(mean), "std": _fmt(std), "n": n})
+    return out
+
+
+def plot_curves(path: Path, metric: str, per_method: list, stat: dict) -> Path:
+    """One figure: the mean curve of each method, its AUC/AOPC (mean over images) in the legend and title."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    parts = []
+    for key, mean, curve, _ in per_method:
+        s = stat.get((metric, key))
+        score = f"{float(s['mean']):.3f}" if s else "?"
+        ax.plot(curve.x, mean.numpy(), label=f"{key} ({curve.score_label} {score})", linewidth=1.8)
+        parts.append(f"{key} {score}")
+    _, _, first, metric_obj = per_method[0]
+    ax.set_xlabel(first.xlabel)
+    ax.set_ylabel(first.ylabel)
+    better = "lower" if metric_obj.direction == "lower" else "higher"
+    ax.set_title(f"{metric} ({better} is better)\n{first.score_label}: " + ", ".join(parts), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="method")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

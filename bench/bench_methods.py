@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xaicli.data import load_image  # noqa: E402
-from xaicli.methods import METHODS, build_method  # noqa: E402
+from xaicli.methods import METHODS, build_method, make_context  # noqa: E402
 from xaicli.methods.base import eval_mode  # noqa: E402
 from xaicli.models import load_model  # noqa: E402
 
@@ -111,7 +111,7 @@ def e2e(n: int, batch: int, device: str, methods: str) -> tuple[float, float]:
     from PIL import Image
 
     from xaicli.config import build_config
-    from xaicli.runner import run_explain
+    from xaicli.explain_run import run_explain
 
     with tempfile.TemporaryDirectory() as d:
         src = sorted(p for p in (ROOT / "sample_images").iterdir() if p.suffix in (".png", ".jpg"))
@@ -171,8 +171,9 @@ def main() -> None:
         # warm up with a full forward+backward first: glibc raises its mmap threshold after large
         # frees, so a fresh process runs plain inference ~1.8x slower (page faults) than after
         # any backward pass; without this the first figures would be measured in another regime
-        warm = build_method("saliency")
-        timeit(lambda: warm.run(model, x, target), device, 2, 1)
+        ctx = make_context(lm)
+        warm = build_method("saliency").bind(ctx)
+        timeit(lambda: warm(x, target), device, 2, 1)
         timeit(infer, device, a.warmup + 2, 1)
         base = timeit(infer, device, a.warmup, a.repeat)
         dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
@@ -188,15 +189,11 @@ def main() -> None:
         row("plain inference (no grad)", base, base)
         layer = None
         for n in names:
-            m = build_method(n, **BENCH_PARAMS.get(n, {}))
-            m.bind_preprocess(lm.preprocess)
-            m.prepare(model, lm.preprocess.input_size)
-            layer = layer or getattr(m, "layer", None)
-            row(n, timeit(lambda m=m: m.run(model, x, target), device, a.warmup, a.repeat), base)
+            m = build_method(n, **BENCH_PARAMS.get(n, {})).bind(ctx)  # bound once, like a run
+            layer = layer or m.resolved().get("layer")
+            row(n, timeit(lambda m=m: m(x, target), device, a.warmup, a.repeat), base)
         if a.peers:
-            from xaicli.models.layers import find_target_layer
-
-            layer = layer or find_target_layer(model, lm.preprocess.input_size)
+            layer = layer or ctx.adapter.default_layer()
             peer_model = copy.deepcopy(lm)
             for n, fn in peer_fns(peer_model, x, target, layer).items():
                 row(n, timeit(fn, device, a.warmup, a.repeat), base)

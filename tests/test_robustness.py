@@ -24,7 +24,7 @@ from conftest import ROOT, SAMPLES, run_xai
 from xaicli.cli import main
 from xaicli.config import build_config
 from xaicli.errors import ConfigError, LockedError
-from xaicli.explain import RunOptions, run_explain
+from xaicli.explain_run import RunOptions, run_explain
 from xaicli.outputs import TMP_PREFIX
 from xaicli.state import OutputLock, config_hash, make_plan
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import SAMPLES
 from xaicli.config import build_config
 from xaicli.errors import ConfigError
-from xaicli.explain import run_explain
+from xaicli.explain_run import run_explain
 
 
 def rows(path):

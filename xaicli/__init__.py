@@ -6,7 +6,7 @@ Public API (imported lazily so `xai --version` does not load torch):
     run(config, progress=True, **options) -> RunSummary   (a whole folder, like `xai explain`)
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "explain", "load_model", "run"]
 
@@ -31,7 +31,7 @@ def run(config, progress: bool = True, **options):
     options: force, wait, dry_run, limit, shard (see `xai explain --help`). Returns a RunSummary.
     """
     from .config import RunConfig, build_config
-    from .explain import RunOptions, run_explain
+    from .explain_run import RunOptions, run_explain
     from .progress import TqdmProgress
 
     if isinstance(config, RunConfig):

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from ._version import __version__
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, XaiError
 
 EXIT_CODES_HELP = (
@@ -108,7 +108,7 @@ def explain(
       xai explain --config configs/nightly.yaml
     """
     from .config import build_config
-    from .explain import RunOptions, run_explain
+    from .explain_run import RunOptions, run_explain
     from .progress import RichProgress
 
     overrides = {

@@ -8,7 +8,7 @@ seconds); it runs every bound method over the batch with the chunker's out-of-me
 notebook can call it without the rest. `Engine.run` is the loop: progress, the JSON log, decode
 failures to the error sink, Ctrl-C/SIGTERM (KeyboardInterrupt) after closing the sinks, so that
 every finished batch stays on disk. `xai explain`, `xai explain --metrics` and `xai evaluate` are
-wirings of these two (xaicli/explain.py, xaicli/evaluate.py); the sinks live in xaicli/sinks.py.
+wirings of these two (xaicli/explain_run.py, xaicli/evaluate.py); the sinks live in xaicli/sinks.py.
 """
 
 from __future__ import annotations

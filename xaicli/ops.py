@@ -140,7 +140,7 @@ class Chunker:
 
     def map(self, key: str, n: int, size: int, fn: Callable[[Tensor], object], device=None) -> list:
         """[fn(idx) for idx in chunks of range(n)], chunk <= size; halves on out-of-memory."""
-        size = max(1, min(size, self.sizes.get(key, size)))
+        size = max(1, min(size, n, self.sizes.get(key, size)))
         out, start = [], 0
         while start < n:
             idx = torch.arange(start, min(n, start + size), device=device)

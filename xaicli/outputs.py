@@ -202,7 +202,7 @@ def versions() -> dict:
     import torch
     import torchvision
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "xaicli": __version__,

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= xai-out
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check xaicli tests bench
 	$(BIN)/ruff format --check xaicli tests bench
+
+docs: $(STAMP)  ## regenerate the method table of docs/methods.md from the registry
+	$(BIN)/python -m xaicli.catalog
 
 bench: $(STAMP)  ## time methods vs plain inference and vs peers (see docs/benchmarks.md)
 	$(BIN)/python -m pip install -q -e '.[bench]'

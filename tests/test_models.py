@@ -122,3 +122,14 @@ def test_target_layer_discovery():
 def test_wrong_layer_lists_candidates(default_model):
     with pytest.raises(MethodError, match="conv_head"):
         get_module(default_model.model, "layer4")
+
+
+def test_wrong_layer_on_a_timm_model_lists_its_feature_blocks():
+    import timm
+
+    from xaicli.models.adapter import ModelAdapter
+
+    adapter = ModelAdapter(timm.create_model("resnet18", pretrained=False, num_classes=3).eval())
+    with pytest.raises(MethodError, match="layer3, layer4"):
+        adapter.module("features.9")
+    assert adapter.default_layer() == "layer4" and adapter.head() == "fc"

@@ -21,15 +21,15 @@ from ..methods.base import Context
 from ..ops import normalize01, reference
 from .base import Curve, Metric, MetricResult, auc, chunked_probs, register, target_probs
 
-Substrate = Literal["mean", "zero", "blur", "uniform"]
+Substrate = Literal["mean", "zero", "black", "blur", "uniform"]  # zero = black: the names of ops.reference
 PosInt = Annotated[int, Field(gt=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 
 
 def substrate_images(ctx: Context, x: Tensor, kind: str, seed: int) -> Tensor:
     """What replaces removed pixels, in normalised space, [B,3,H,W] (ops.reference):
-    mean = 0 in normalised space (the dataset's mean colour; RISE's deletion), zero = black
-    pixels, blur = Gaussian blur klen 11 sigma 5 of the image (RISE's insertion), uniform =
+    mean = 0 in normalised space (the dataset's mean colour; RISE's deletion), zero (or black) =
+    black pixels, blur = Gaussian blur klen 11 sigma 5 of the image (RISE's insertion), uniform =
     uniform noise in [0, 1] pixel space (seeded on the CPU: the same on every device and for
     every image of the batch)."""
     kind = "black" if kind == "zero" else kind

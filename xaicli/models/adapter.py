@@ -36,7 +36,15 @@ class ModelAdapter:
         return type(self.model).__module__.startswith("timm.") and hasattr(self.model, "get_classifier")
 
     def module(self, name: str) -> nn.Module:
-        return get_module(self.model, name, self.input_size)
+        """The named module; a wrong name lists what may be named (timm: its feature_info blocks and
+        the default layer; other models: the layers with spatial or token outputs)."""
+        modules = dict(self.model.named_modules())
+        if name in modules:
+            return modules[name]
+        if self.is_timm and getattr(self.model, "feature_info", None):
+            shown = ", ".join(dict.fromkeys([*self.candidate_layers(), self.default_layer()]))
+            raise MethodError(f"layer '{name}' is not a module of this model; candidates (timm feature_info): {shown}")
+        return get_module(self.model, name, self.input_size)  # raises, listing the spatial layers
 
     @cached_property
     def _default_layer(self) -> str:

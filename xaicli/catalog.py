@@ -38,9 +38,10 @@ def _default(f: dataclasses.Field):
 
 
 def _choices(tp) -> list[str]:
-    """The allowed values of a Literal[...] (or Literal[...] | None) annotation, else []."""
+    """The allowed values of a Literal[...] (or Literal[...] | None) annotation, else [], sorted:
+    typing caches Literals regardless of order, so the written order depends on import order."""
     if typing.get_origin(tp) is typing.Literal:
-        return [str(a) for a in typing.get_args(tp)]
+        return sorted(str(a) for a in typing.get_args(tp))
     return [c for a in typing.get_args(tp) for c in _choices(a)]
 
 

@@ -28,8 +28,10 @@ from .methods.base import eval_mode, make_context
 from .metrics import METRICS, build_metrics, load_annotations
 from .models.registry import load_model_cfg, resolve_device
 from .ops import Chunker
-from .reader import RunFolder
+from .outputs import write_manifest
+from .reader import RunFolder, manifest_of
 from .sinks import EvalSummary, MetricSink
+from .state import JsonLog
 
 DEFAULT_METRICS = "deletion,insertion"
 
@@ -153,18 +155,32 @@ def run_evaluate(
     keys = [m.key for m in run_cfg.methods]
     metric_objs = build_metrics(metric_specs(metrics, against, cfg_data, run_cfg), keys)  # checks before work
     ann = load_annotations(annotations or cfg_data.get("annotations") or run_cfg.annotations, metric_objs)
-    items, targets, skipped = evaluable(folder, run_cfg, keys)
+    evaluable(folder, run_cfg, keys)  # a folder with nothing to score fails before waiting for the lock
     with OutputLock(out, wait=wait, on_wait=on_wait):
-        res, failed = _evaluate_locked(folder, run_cfg, keys, metric_objs, ann, items, targets, device, progress)
+        log = JsonLog(folder.out / "xai-log.jsonl")
+        items, targets, skipped = evaluable(folder, run_cfg, keys)  # again: another run may have finished
+        log.event("evaluate_start", metrics=[m.name for m in metric_objs], images=len(items), skipped=skipped)
+        status = "error"
+        try:
+            res, failed = _evaluate_locked(
+                folder, run_cfg, keys, metric_objs, ann, items, targets, device, progress, log
+            )
+            status = "done"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            write_manifest(folder.out, manifest_of(folder.out, folder.manifest().get("status", status)))
+            log.event("evaluate_end", status=status, seconds=round(time.perf_counter() - t0, 3))
     res.skipped = skipped + failed
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _evaluate_locked(folder, run_cfg, keys, metric_objs, ann, items, targets, device, progress):
+def _evaluate_locked(folder, run_cfg, keys, metric_objs, ann, items, targets, device, progress, log):
     dev = resolve_device(device or run_cfg.device)
     lm = load_model_cfg(run_cfg.model, dev)
-    chunker = Chunker()
+    chunker = Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=run_cfg.model.layer)
     methods = {}
     if any("method" in m.needs for m in metric_objs):  # sanity recomputes maps: bind at the run's layers

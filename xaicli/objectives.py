@@ -2,8 +2,9 @@
 
 An objective maps the logits [B, C] and the target classes [B] to one differentiable score per
 image [B]. Gradient methods differentiate it with respect to the input, CAM methods with respect
-to a layer, IG integrates it, Score-CAM reads it on masked inputs. Counterfactual Grad-CAM is the
-`neg_logit` objective, not a hand-negated gradient. Contrastive objectives (CLRP, SGLRP) register
+to a layer, IG integrates it, Score-CAM reads it on masked inputs. Counterfactual Grad-CAM
+differentiates the negated objective (with the default logit: `neg_logit`), not a hand-negated
+gradient. Contrastive objectives (CLRP, SGLRP) register
 here as well:
 
     @register_objective("my_score", "what it measures")
@@ -49,16 +50,7 @@ def neg_logit(logits: Tensor, target: Tensor) -> Tensor:
     return -logit(logits, target)
 
 
-NEGATED = {"logit": "neg_logit", "neg_logit": "logit"}
-
-
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise KeyError(name)
     return OBJECTIVES[name]
-
-
-def check_objective(owner: str, name: str) -> None:
-    """Raise a one-line ValueError naming the allowed objectives (used by the method specs)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"{owner}: unknown objective '{name}' (allowed: {', '.join(sorted(OBJECTIVES))})")

@@ -119,14 +119,16 @@ class Chunker:
     """Runs work in chunks; on out-of-memory halves the chunk and retries it.
 
     One chunker serves a whole run: inner loops (IG path points, SmoothGrad samples, Score-CAM
-    channels, metric curve steps) call `map`, which remembers per loop name the largest chunk
-    that fit and halves it on out-of-memory; only when one item alone does not fit does the error
+    channels, metric curve steps) call `map`, which remembers per loop key (a name, or a
+    (name, owner) tuple so two entries of one method keep their own sizes) the largest chunk that
+    fit, halves it on out-of-memory and never grows it back within the run; only when one item alone does not fit does the error
     reach the caller, whose outer batch (`split`) then halves. `on_event(kind, **info)` hears of
     every back-off (the run's JSON log).
     """
 
-    def __init__(self, on_event: Callable[..., None] | None = None):
-        self.sizes: dict[str, int] = {}
+    def __init__(self, on_event: Callable[..., None] | None = None, cap: int | None = None):
+        self.sizes: dict = {}
+        self.cap = cap  # an upper bound for every chunk (tests: cap=1 runs every loop item by item)
         self.events = 0
         self.on_event = on_event or (lambda *a, **k: None)
 
@@ -135,12 +137,12 @@ class Chunker:
         size = (size + 1) // 2
         self.sizes[key] = size
         self.events += 1
-        self.on_event("oom_backoff", loop=key, chunk=size)
+        self.on_event("oom_backoff", loop=key[0] if isinstance(key, tuple) else key, chunk=size)
         return size
 
     def map(self, key: str, n: int, size: int, fn: Callable[[Tensor], object], device=None) -> list:
         """[fn(idx) for idx in chunks of range(n)], chunk <= size; halves on out-of-memory."""
-        size = max(1, min(size, n, self.sizes.get(key, size)))
+        size = max(1, min(size, n, self.sizes.get(key, size), self.cap or size))
         out, start = [], 0
         while start < n:
             idx = torch.arange(start, min(n, start + size), device=device)
@@ -169,7 +171,7 @@ class Chunker:
                     raise
                 if size == 1:
                     _free_cache(device)
-                    self.on_event("oom_image", loop=key)
+                    self.on_event("oom_image", loop=key[0] if isinstance(key, tuple) else key)
                     parts.append((None, 1))
                     start = end
                     continue

@@ -9,7 +9,8 @@
         m = run.load_map(row["method"], row["image"])   # float32 [H, W] (or [K, H, W])
     run.metrics(), run.metrics_summary(), run.errors(), run.manifest()
 
-Layer: reads files only; imports config (to validate run.yaml) and outputs (the layout).
+Layer: reads files only; imports outputs (the layout), and config and methods lazily (to validate
+run.yaml and to know which methods have named maps).
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Method registry: `@register(name, description)` on a MethodSpec dataclass adds it here.
 
-Adding a method is one file: a spec dataclass (its parameters) with the decorator, and the
-BoundMethod subclass that computes it (see docs/architecture.md). `xai methods`, the config
-validator, docs/methods.md and the contract tests all read METHODS.
+Adding a method is one file in this folder: a spec dataclass (its parameters) with the decorator,
+and the BoundMethod subclass that computes it (see docs/architecture.md). Every module here is
+imported below, so the file needs no other line anywhere. `xai methods`, the config validator,
+docs/methods.md and the contract tests all read METHODS.
 """
 
 from __future__ import annotations
 
-# importing the family modules fills the registry
-from . import cam, gradient  # noqa: E402,F401
+import importlib
+import pkgutil
+
 from .base import (  # noqa: F401
     METHODS,
     BoundMethod,
@@ -32,3 +34,8 @@ __all__ = [
     "make_context",
     "register",
 ]
+
+# importing every family module fills the registry (sorted: a deterministic order)
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod != "base":
+        importlib.import_module(f"{__name__}.{_mod}")

@@ -138,6 +138,10 @@ class BoundMethod:
         """What binding decided, for run.yaml (e.g. {'layer': 'bn2'})."""
         return {}
 
+    def loop(self, name: str) -> tuple[str, int]:
+        """The chunker key of one of this bound method's inner loops (its sizes are its own)."""
+        return (name, id(self))
+
     def rebind(self, model: nn.Module) -> BoundMethod:
         return self.spec.bind(self.ctx.with_model(model))
 

@@ -151,11 +151,20 @@ class CAM(CAMSpec):
     needs_grad = False
     cost = "F"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.objective != "logit":
+            raise MethodError(
+                "cam: the map is built from the head's weights of the target logit; objective must be logit"
+            )
+
 
 @register("gradcam", "Grad-CAM: channel weights = spatial mean of the target logit's gradient (Selvaraju 2017)")
 @dataclass
 class GradCAM(CAMSpec):
-    counterfactual: bool = False  # explain the negated objective: regions that argue against the class
+    counterfactual: bool = (
+        False  # negate the objective: regions that argue against the class (guided_gradcam: the CAM factor)
+    )
 
     @property
     def negated(self) -> bool:
@@ -186,7 +195,7 @@ class BoundGuidedGradCAM(BoundCAM):
 @dataclass
 class GuidedGradCAM(GradCAM):
     bound = BoundGuidedGradCAM
-    cost = "2 F + B"
+    cost = "2 F + B + head-only B"
 
 
 @register("gradcampp", "Grad-CAM++ (Chattopadhay 2018): positive gradients weighted by the closed-form alpha (eq. 19)")
@@ -244,7 +253,7 @@ class BoundScoreCAM(BoundCAM):
             scores[p] = self.objective(self.model(x[b] * m[:, None].to(x.dtype)), tgt[b]).float()
 
         with torch.no_grad():
-            self.ctx.chunker.map("scorecam", len(pairs), s.internal_batch, step, x.device)
+            self.ctx.chunker.map(self.loop("scorecam"), len(pairs), s.internal_batch, step, x.device)
             scores = scores.view(b_sz, k_sz)
             if s.baseline:
                 base = self.objective(self.model(torch.zeros_like(x)), tgt).float()

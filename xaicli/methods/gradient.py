@@ -186,7 +186,7 @@ class BoundIG(BoundGradient):
                 (g,) = torch.autograd.grad(self.objective(self.model(pts), tgt[b]).sum(), pts)
             total.index_add_(0, b, g.float() * weights[k].view(-1, 1, 1, 1))
 
-        self.ctx.chunker.map("integrated_gradients", b_sz * k_sz, self.spec.internal_batch, step, x.device)
+        self.ctx.chunker.map(self.loop("integrated_gradients"), b_sz * k_sz, self.spec.internal_batch, step, x.device)
         return diff.float() * total
 
     def attribute(self, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -273,7 +273,7 @@ class BoundSmoothGrad(BoundMethod):
             m = self.base(x[b] + sigma[b] * noise[k], tgt[b]).maps.float()
             acc.index_add_(0, b, m * m if s.squared else m)
 
-        self.ctx.chunker.map("smoothgrad", b_sz * s.n_samples, s.internal_batch, step, x.device)
+        self.ctx.chunker.map(self.loop("smoothgrad"), b_sz * s.n_samples, s.internal_batch, step, x.device)
         return Result(acc / s.n_samples, logits, tgt)
 
 

@@ -413,8 +413,12 @@ def test_malicious_checkpoint_via_cli(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("workers, group", [(0, False), (2, True)], ids=["pid", "process-group-with-workers"])
-def test_sigterm_exits_130_and_keeps_finished_batches(tmp_path, workers, group):
+@pytest.mark.parametrize(
+    "workers, group, sig",
+    [(0, False, signal.SIGTERM), (2, True, signal.SIGTERM), (2, True, signal.SIGINT)],
+    ids=["pid", "process-group-with-workers", "ctrl-c-to-the-group"],
+)
+def test_sigterm_exits_130_and_keeps_finished_batches(tmp_path, workers, group, sig):
     # `timeout`, systemd and cron signal the whole group: decode workers must not turn it into a crash
     imgs = corpus(tmp_path / "imgs", 40)
     out = tmp_path / "o"
@@ -431,9 +435,9 @@ def test_sigterm_exits_130_and_keeps_finished_batches(tmp_path, workers, group):
     while time.time() < deadline and len(rows(out / "explanations.csv")) < 2:
         time.sleep(0.05)
     if group:
-        os.killpg(p.pid, signal.SIGTERM)
+        os.killpg(p.pid, sig)
     else:
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err and "internal error" not in err

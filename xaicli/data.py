@@ -209,9 +209,11 @@ def _worker_init(_worker_id: int) -> None:
     close_inherited_locks()
     # the worker is our own process: `max_pixels` (checked from the header) replaces PIL's guard
     Image.MAX_IMAGE_PIXELS = None
-    # `timeout`, systemd and cron stop the whole process group with SIGTERM: let the main process
-    # handle it (keep finished batches, exit 130); the DataLoader then shuts its workers down
+    # `timeout`, systemd and cron stop the whole process group with SIGTERM, a terminal's Ctrl-C
+    # sends SIGINT to it: the main process handles both (finishes the batch, exit 130) and the
+    # DataLoader then shuts its workers down
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:

@@ -13,7 +13,11 @@ wirings of these two (xaicli/explain_run.py, xaicli/evaluate.py); the sinks live
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -125,6 +129,29 @@ def explain_step(
     return tgt, logits, outputs
 
 
+@contextmanager
+def deferred_interrupts() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C / SIGTERM while the loop runs stop it at the next batch boundary, so no batch is half
+    written; a second signal stops at once. Yields `stop()`: whether a signal came. The decode
+    workers ignore both signals (data._worker_init), so they never die under the loop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+
+    def handler(signum, _frame):
+        if hits:
+            raise KeyboardInterrupt
+        hits.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(hits)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 class Engine:
     """The loop: batches from a loader -> `step` -> every sink; progress and the JSON log around it."""
 
@@ -143,8 +170,11 @@ class Engine:
         try:
             if failed:
                 self._fail(failed)
-            for batch in loader:
-                self._batch(batch, items)
+            with deferred_interrupts() as stop:
+                for batch in loader:
+                    self._batch(batch, items)
+                    if stop():
+                        raise KeyboardInterrupt
             status = "done"
         except KeyboardInterrupt:
             status = "interrupted"

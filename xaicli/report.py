@@ -418,7 +418,7 @@ th{background:#f5f5f7;position:sticky;top:0}th.sort{cursor:pointer;user-select:n
 td.num{text-align:right;font-variant-numeric:tabular-nums}tr.bad td{background:#fff4f4}
 #images img{height:64px;display:block}#images tbody tr:hover{background:#f0f6ff}
 #filters{display:flex;flex-wrap:wrap;gap:10px;align-items:center;margin:6px 0 10px}#count{color:#555}
-#pager{margin:10px 0}.st-ok{color:#1a7f37}.st-bad{color:#b42318;font-weight:600}
+#pager{margin:10px 0}#table-wrap{overflow-x:auto}.st-ok{color:#1a7f37}.st-bad{color:#b42318;font-weight:600}
 .plots img{max-width:560px;width:100%;margin:4px 8px 4px 0;border:1px solid #eee}
 #detail img.sheet{max-width:100%;border:1px solid #ddd}.note{color:#555;font-size:12px}.ok{color:#1a7f37}
 footer{margin-top:30px;color:#666;font-size:12px}
@@ -449,7 +449,7 @@ function render(){var h=st();
  $('f-class').value=h.cls||'';$('f-method').value=h.method||'';$('f-status').value=h.status||'';$('f-metric').value=h.metric||'';$('f-op').value=h.op||'ge';
  if(document.activeElement!==$('f-value'))$('f-value').value=h.value||'';
  if(h.img!==undefined){detail(h);return;}
- $('detail').hidden=true;$('images-sec').hidden=false;
+ $('detail').hidden=true;$('images-sec').hidden=false;$('run-sec').hidden=false;
  var ms=h.method?[h.method]:D.methods,rows=rowsOf(h);
  if(h.sort){var dir=h.dir==='desc'?-1:1;rows=rows.slice().sort(function(a,b){var x=val(a,h.sort),y=val(b,h.sort);
    if(x==null&&y==null)return 0;if(x==null)return 1;if(y==null)return -1;return (x<y?-1:x>y?1:0)*dir;});}
@@ -468,7 +468,7 @@ function render(){var h=st();
  $('count').textContent=rows.length+' of '+D.rows.length+' images';
  $('pageinfo').textContent='page '+pg+' of '+pages;$('prev').disabled=pg<=1;$('next').disabled=pg>=pages;$('prev').dataset.p=pg-1;$('next').dataset.p=pg+1;
  Array.prototype.forEach.call(document.querySelectorAll('th.sort'),function(t){t.onclick=function(){var k=t.dataset.key;go({sort:k,dir:(h.sort===k&&h.dir!=='desc')?'desc':'asc',page:''});};});}
-function detail(h){var r=D.rows[parseInt(h.img,10)];$('images-sec').hidden=true;var d=$('detail');d.hidden=false;
+function detail(h){var r=D.rows[parseInt(h.img,10)];$('images-sec').hidden=true;$('run-sec').hidden=true;var d=$('detail');d.hidden=false;
  if(!r){d.innerHTML='<p>No such image. <a href="#">back to the table</a></p>';return;}
  var s='<p><a href="#" id="back">&larr; back to the table</a></p><h2>'+esc(r.i)+'</h2><p>predicted: <b>'+esc(r.c)+'</b> (class '+esc(r.k)+', p '+fmt(r.p)+')';
  if(String(r.tk)!==String(r.k))s+='; explained: <b>'+esc(r.tc)+'</b> (class '+esc(r.tk)+', p '+fmt(r.tp)+')';

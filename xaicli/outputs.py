@@ -9,6 +9,10 @@ its writers. xaicli/reader.py reads the same layout back.
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
     OUT/<method>/<rel>/<name>.png|npy the same for a method that returns K named maps per image
+    OUT/sheets/<rel>.png              comparison sheet (xaicli/report.py), OUT/report/ the HTML report
+
+Overlays are scaled by the method's map kind (ops.display01); `caption_strip` adds the optional
+caption/colorbar strip below an overlay.
 
 Files are written to a temporary name in the same folder and renamed (atomic on POSIX); CSV
 rows are appended whole and flushed (fsync) at batch boundaries; a whole CSV is only ever

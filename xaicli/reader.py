@@ -1,6 +1,6 @@
 """The output folder as code: a reader of the documented layout (xaicli/outputs.py).
 
-`xai evaluate`, the coming HTML report and users' scripts read a run through this one class:
+`xai evaluate`, `xai report` (xaicli/report.py) and users' scripts read a run through this one class:
 
     run = RunFolder("xai-out")
     run.config                      # the RunConfig the run used (validated), run.resolved, run.versions

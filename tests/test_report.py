@@ -288,6 +288,22 @@ def test_report_command_json_and_second_run_writes_nothing_new(reported):
     assert doc["sheets_written"] == 0 and doc["thumbs_written"] == 0  # generated once, by the first run
 
 
+@pytest.mark.slow
+def test_evaluate_json_matches_the_files_and_writes_the_report(reported):
+    out, _ = reported
+    r = run_xai("evaluate", out, "--config", out.parent / "run.yaml", "--metric", "deletion", "--json", "--report")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["command"] == "evaluate" and doc["exit_code"] == 0 and doc["images"] == len(SAMPLE_FILES)
+    summary = {(s["method"], s["metric"]): s for s in _rows(out / "metrics_summary.csv")}
+    assert {(m["method"], m["metric"]) for m in doc["metrics"]} == {("gradcam", "deletion"), ("saliency", "deletion")}
+    for m in doc["metrics"]:
+        assert m["n"] == int(summary[(m["method"], m["metric"])]["n"]) == len(SAMPLE_FILES)
+        assert m["better"] == "lower"
+    assert Path(doc["files"]["report"]).is_file() and Path(doc["files"]["metrics_summary_by_class.csv"]).is_file()
+    assert all(Path(p).is_file() for p in doc["plots"])
+
+
 def test_report_of_a_missing_folder_is_a_usage_error(tmp_path):
     r = run_xai("report", tmp_path / "nope")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such output folder" in r.stderr
@@ -359,8 +375,18 @@ def test_thumbnails_and_sheets_are_written_once(tmp_path):
     Image.new("RGB", (20, 15), (200, 10, 10)).save(src)
     out = tmp_path / "small"
     _fabricate(out, 3, src, maps=True)
+    for plot in ("metrics_deletion.png", "sanity_gradcam.png"):
+        Image.new("RGB", (30, 20)).save(out / plot)
+    write_csv(
+        out / "metrics_summary_by_class.csv",
+        ["by", "class", "label", "method", "metric", "mean", "std", "n"],
+        [{"by": "predicted", "class": 3, "label": "class 3", "method": "gradcam", "metric": "deletion", "mean": 0.25}],
+    )
     first = write_report(out)
     assert first.sheets_written == 3 and first.thumbs_written == 3 + 3 * 2
+    page = (out / "report" / "index.html").read_text()
+    assert 'src="../metrics_deletion.png"' in page and 'src="../sanity_gradcam.png"' in page
+    assert "Means per class" in page and "class 3 (3)" in page and "Sanity check" in page
     second = write_report(out)
     assert second.sheets_written == 0 and second.thumbs_written == 0
     ov = out / "saliency" / "d0" / "img00001.png"

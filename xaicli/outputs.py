@@ -180,9 +180,13 @@ def caption_strip(
     fs = max(10, sh - 6)
     strip = Image.new("RGB", (w, sh), (32, 32, 32))
     draw = ImageDraw.Draw(strip)
-    bar_w = 0
+    bar_w = max(40, min(160, w // 4)) if cmap else 0
+    if text:
+        font, room = font_of(fs), w - 8 - (bar_w + 8 if cmap else 0)
+        while len(text) > 1 and draw.textlength(text, font=font) > room:
+            text = text[:-2] + "…"
+        draw.text((4, max(0, (sh - fs) // 2 - 1)), text, fill=(245, 245, 245), font=font)
     if cmap:
-        bar_w = max(40, min(160, w // 4))
         lut = colormap_lut(cmap)[np.linspace(0, 255, bar_w).round().astype(int)]
         bar = np.repeat(lut[None], max(4, sh // 3), axis=0)
         x0 = w - bar_w - 4
@@ -191,14 +195,9 @@ def caption_strip(
         small = font_of(max(8, fs * 2 // 3))
         y = 2 + bar.shape[0]
         draw.text((x0, y), lo, fill=(230, 230, 230), font=small)
-        tw = draw.textlength(hi, font=small)
-        draw.text((x0 + bar_w - tw, y), hi, fill=(230, 230, 230), font=small)
+        draw.text((x0 + bar_w - draw.textlength(hi, font=small), y), hi, fill=(230, 230, 230), font=small)
         if kind == "signed":
-            draw.text(
-                (x0 + bar_w // 2 - draw.textlength("0", font=small) / 2, y), "0", fill=(230, 230, 230), font=small
-            )
-    if text:
-        draw.text((4, max(0, (sh - fs) // 2 - 1)), text, fill=(245, 245, 245), font=font_of(fs))
+            draw.text((x0 + bar_w / 2 - draw.textlength("0", font=small) / 2, y), "0", fill=(230, 230, 230), font=small)
     return np.concatenate([img, np.asarray(strip)], axis=0)
 
 

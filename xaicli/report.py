@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from .images import load_image
 from .outputs import atomic_write_bytes, font_of, save_png
 from .reader import RunFolder
-from .sinks import caption_of
+from .sinks import caption_of, summarize
 
 REPORT_DIR = "report"
 THUMB_H = 96  # px, thumbnails in the table
@@ -302,8 +302,8 @@ def _header(run: RunFolder, latest: dict, methods: list[str], errors: list[dict]
 def _metrics_section(run: RunFolder, rdir: Path) -> str:
     from .metrics.base import direction_of
 
-    summ = run.metrics_summary()
-    if not summ:
+    summ = run.metrics_summary() or summarize(run.metrics())  # a run killed before its summary
+    if not summ and not run.plots():
         return "<p>No metrics in this run (<code>xai evaluate OUT</code> or <code>--metrics</code> adds them).</p>"
     rows = [
         [

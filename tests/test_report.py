@@ -437,3 +437,8 @@ def test_browser_renders_one_row_per_image_and_sorts_by_a_metric(tmp_path):
     dom = _dump_dom(browser, url + "#sort=saliency%7Cdeletion&dir=desc")
     order = ROW_RE.findall(dom)
     assert order == sorted(vals, key=lambda k: -vals[k]) and order != sorted(order)
+    # filters: a metric threshold, and a class
+    dom = _dump_dom(browser, url + "#metric=saliency%7Cdeletion&op=ge&value=0.5")
+    assert sorted(ROW_RE.findall(dom)) == sorted(k for k, v in vals.items() if v >= 0.5)
+    dom = _dump_dom(browser, url + "#cls=class%203")
+    assert ROW_RE.findall(dom) == ["d0/img00003", "d0/img00010"]

@@ -442,3 +442,24 @@ def test_browser_renders_one_row_per_image_and_sorts_by_a_metric(tmp_path):
     assert sorted(ROW_RE.findall(dom)) == sorted(k for k, v in vals.items() if v >= 0.5)
     dom = _dump_dom(browser, url + "#cls=class%203")
     assert ROW_RE.findall(dom) == ["d0/img00003", "d0/img00010"]
+
+
+def test_summarize_by_class_groups_by_predicted_and_labelled_class(tmp_path):
+    from xaicli.outputs import explanation_fields
+    from xaicli.sinks import summarize_by_class
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"config": {"target": str(tmp_path / "labels.csv")}}))
+    expl = [
+        {"image": "a", "method": "m", "top1_class": 1, "top1_label": "one", "target_class": 2, "target_label": "two"},
+        {"image": "b", "method": "m", "top1_class": 1, "top1_label": "one", "target_class": 1, "target_label": "one"},
+        {"image": "c", "method": "m", "top1_class": "", "top1_label": "", "target_class": "", "target_label": ""},
+    ]
+    write_csv(tmp_path / "explanations.csv", explanation_fields(), expl)
+    rows = [
+        {"image": i, "method": "m", "metric": "deletion", "value": v}
+        for i, v in (("a", "0.2"), ("b", "0.4"), ("c", "9"))
+    ]
+    got = {(r["by"], r["class"]): (float(r["mean"]), int(r["n"])) for r in summarize_by_class(tmp_path, rows)}
+    assert got == {("predicted", "1"): (pytest.approx(0.3), 2), ("true", "1"): (0.4, 1), ("true", "2"): (0.2, 1)}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"config": {"target": "predicted"}}))
+    assert {r["by"] for r in summarize_by_class(tmp_path, rows)} == {"predicted"}

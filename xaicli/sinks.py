@@ -405,10 +405,11 @@ def summarize_by_class(out: Path, rows: list[dict]) -> list[dict]:
     for by, col in [("predicted", "top1")] + ([("true", "target")] if labelled else []):
         groups: dict[tuple[str, str], list[dict]] = {}
         for r in rows:
-            e = by_image.get(r["image"])
-            if e is not None:
-                groups.setdefault((e[f"{col}_class"], e[f"{col}_label"]), []).append(r)
-        for (cls, label), members in sorted(groups.items(), key=lambda kv: int(kv[0][0] or 0)):
+            e = by_image.get(r["image"]) or {}
+            cls = (e.get(f"{col}_class") or "").strip()
+            if cls.isdigit():  # rows of images without a class (a hand-made folder) are left out
+                groups.setdefault((cls, e.get(f"{col}_label") or ""), []).append(r)
+        for (cls, label), members in sorted(groups.items(), key=lambda kv: int(kv[0][0])):
             result += [{"by": by, "class": cls, "label": label, **s} for s in summarize(members)]
     return result
 

@@ -12,6 +12,7 @@ import subprocess
 import time
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -256,7 +257,7 @@ def test_report_references_exist_parse_and_stay_on_the_machine(reported):
         _check_local(ref)
         if ref.startswith("#"):
             continue
-        assert (rdir / ref).resolve().is_file(), ref
+        assert (rdir / unquote(ref)).resolve().is_file(), ref
     data = _data_js(rdir)
     names = sorted(n.rsplit(".", 1)[0] for n in SAMPLE_FILES)
     assert sorted(r["i"] for r in data["rows"]) == names  # one row per image
@@ -268,8 +269,8 @@ def test_report_references_exist_parse_and_stay_on_the_machine(reported):
     assert all(refs), "every image of a run without failures has thumbnails, a sheet and overlays"
     for ref in refs:
         _check_local(ref)
-        assert (rdir / ref).resolve().is_file(), ref
-        assert (rdir / ref).resolve().is_relative_to(out.resolve())
+        assert (rdir / unquote(ref)).resolve().is_file(), ref
+        assert (rdir / unquote(ref)).resolve().is_relative_to(out.resolve())
     # the metric plots and the error of broken.jpg are in the page
     assert "metrics_deletion.png" in page and "metrics_insertion.png" in page
     text = " ".join(p.text)
@@ -463,3 +464,9 @@ def test_summarize_by_class_groups_by_predicted_and_labelled_class(tmp_path):
     assert got == {("predicted", "1"): (pytest.approx(0.3), 2), ("true", "1"): (0.4, 1), ("true", "2"): (0.2, 1)}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"config": {"target": "predicted"}}))
     assert {r["by"] for r in summarize_by_class(tmp_path, rows)} == {"predicted"}
+
+
+def test_references_are_relative_and_percent_encoded():
+    from xaicli.report import _rel
+
+    assert _rel(Path("/o/gradcam/a #1.png"), Path("/o/report")) == "../gradcam/a%20%231.png"

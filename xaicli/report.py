@@ -146,7 +146,10 @@ def _thumb(src: Path, dst: Path) -> int:
 # the page
 # --------------------------------------------------------------------------------------------
 def _rel(p: Path, base: Path) -> str:
-    return Path(os.path.relpath(p, base)).as_posix()
+    """A relative URL (percent-encoded: an image named 'a#1.jpg' stays a file, not a fragment)."""
+    from urllib.parse import quote
+
+    return quote(Path(os.path.relpath(p, base)).as_posix())
 
 
 def _num(v) -> float | None:

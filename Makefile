@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= xai-out
 
-.PHONY: install demo test test-fast lint docs bench clean
+.PHONY: install demo test test-fast test-browser lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)  ## create .venv and install xaicli with test extras
 
-demo: $(STAMP)  ## explain sample_images/ with the embedded default model
-	$(BIN)/xai explain --config configs/demo.yaml --out $(OUT)
+demo: $(STAMP)  ## explain sample_images/ with the embedded default model; the report is $(OUT)/report/index.html
+	$(BIN)/xai explain --config configs/demo.yaml --out $(OUT) --report
 
 test: $(STAMP)  ## run the whole test suite (CPU; CUDA tests skip without a GPU)
 	$(BIN)/python -m pytest -q -rs
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-browser: $(STAMP)  ## the report in headless Chromium (installs Debian's chromium with apt-get when missing)
+	command -v chromium >/dev/null 2>&1 || { apt-get update && apt-get install -y chromium; } || \
+		{ echo "could not install chromium (needs root/sudo and apt-get)"; exit 1; }
+	$(BIN)/python -m pytest -q -rs tests/test_report.py -k browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check xaicli tests bench

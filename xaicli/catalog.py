@@ -71,13 +71,16 @@ def methods_table() -> str:
     from .methods import METHODS
 
     lines = [
-        "| method | what it computes | parameters (defaults) | CSV extras | cost per image |",
-        "|---|---|---|---|---|",
+        "| method | what it computes | parameters (defaults) | CSV extras | cost per image | overlay (map_kind) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, cls in sorted(METHODS.items()):
         extras = ", ".join(f"`{e}`" for e in cls.extras) or "–"
         names = f" (maps: {', '.join(f'`{n}`' for n in cls.map_names)})" if cls.map_names else ""
-        lines.append(f"| `{name}` | {_cell(cls.description)}{names} | {_params(cls)} | {extras} | {_cell(cls.cost)} |")
+        kind = cls.map_kind if isinstance(cls.map_kind, str) else "of its base"  # smoothgrad: a property
+        lines.append(
+            f"| `{name}` | {_cell(cls.description)}{names} | {_params(cls)} | {extras} | {_cell(cls.cost)} | {kind} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -100,6 +100,13 @@ def explain(
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress bar or summary (for cron); errors still go to stderr."
     ),
+    sheet: bool = typer.Option(
+        False, "--sheet", help="Also write comparison sheets OUT/sheets/<image>.png (= `sheet: true`)."
+    ),
+    report: bool = typer.Option(False, "--report", help="Write the HTML report OUT/report/index.html at the end."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run summary as one JSON object on stdout (no tables, no progress bar)."
+    ),
 ):
     """Explain every image of a folder: heatmap PNGs, raw .npy maps and explanations.csv.
 
@@ -126,9 +133,10 @@ def explain(
         "metrics": metrics,
         "against": against,
         "annotations": str(annotations) if annotations else None,
+        "sheet": True if sheet else None,
     }
     cfg = build_config(config, overrides)
-    progress = None if quiet else RichProgress(err_console)
+    progress = None if quiet or as_json else RichProgress(err_console)
     options = RunOptions(force=force, wait=wait, dry_run=dry_run, limit=limit, shard=shard)
     with interruptible():
         summary = run_explain(
@@ -138,9 +146,25 @@ def explain(
             on_wait=lambda holder: err_console.print(f"waiting for the run that holds {cfg.output} ({holder})"),
         )
     if dry_run:
-        _print_plan(summary)
+        if as_json:
+            _print_json(
+                {
+                    "command": "explain",
+                    "dry_run": True,
+                    "out": str(summary.out),
+                    "images": summary.total,
+                    "up_to_date": summary.skipped,
+                    "todo": [str(it.path) for it in summary.planned],
+                    "exit_code": 0,
+                }
+            )
+        else:
+            _print_plan(summary)
         raise typer.Exit(0)
-    if not quiet:
+    rep = _write_report(summary.out) if report else None
+    if as_json:
+        _print_json(_explain_json(summary, rep))
+    elif not quiet:
         _print_summary(summary)
         if summary.metrics is not None:
             _print_metrics(summary.metrics)
@@ -152,6 +176,74 @@ def explain(
             f"{summary.out / 'explanations.csv'}[/]"
         )
     raise typer.Exit(summary.exit_code)
+
+
+def _print_json(doc: dict) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(doc, default=str, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _files(out: Path, rep) -> dict:
+    names = (
+        "explanations.csv",
+        "errors.csv",
+        "manifest.json",
+        "run.yaml",
+        "metrics.csv",
+        "metrics_summary.csv",
+        "metrics_summary_by_class.csv",
+    )
+    files = {n: str(out / n) for n in names if (out / n).is_file()}
+    if (out / "sheets").is_dir():
+        files["sheets"] = str(out / "sheets")
+    if rep is not None:
+        files["report"] = str(rep.index)
+    return files
+
+
+def _metrics_json(res) -> list[dict]:
+    return [
+        {
+            "metric": r["metric"],
+            "method": r["method"],
+            "mean": float(r["mean"]),
+            "std": float(r["std"]),
+            "n": int(r["n"]),
+            "better": res.directions.get(r["metric"], ""),
+        }
+        for r in res.rows
+    ]
+
+
+def _explain_json(s, rep) -> dict:
+    from .reader import RunFolder
+
+    doc = {
+        "command": "explain",
+        "status": RunFolder(s.out).manifest().get("status", "done"),
+        "exit_code": s.exit_code,
+        "out": str(s.out),
+        "images": s.total,
+        "done": s.done,
+        "up_to_date": s.skipped,
+        "failed": s.failed,
+        "flagged": s.flagged,
+        "ignored": s.ignored,
+        "seconds": round(s.seconds, 3),
+        "method_seconds": {k: round(v, 3) for k, v in s.method_seconds.items()},
+        "files": _files(s.out, rep),
+    }
+    if s.metrics is not None:
+        doc["metrics"] = _metrics_json(s.metrics)
+    return doc
+
+
+def _write_report(out: Path):
+    from .report import write_report
+
+    return write_report(out)
 
 
 def _print_plan(s) -> None:
@@ -213,6 +305,10 @@ def evaluate(
         False, "--wait", help="If another run holds the output folder, wait for it (else exit 3)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
+    report: bool = typer.Option(False, "--report", help="Write the HTML report OUT/report/index.html at the end."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the summary as one JSON object on stdout (no tables, no progress bar)."
+    ),
 ):
     """Score the maps of an output folder: OUT/metrics.csv, metrics_summary.csv and curve PNGs.
 
@@ -236,15 +332,72 @@ def evaluate(
             config=config,
             annotations=annotations,
             device=device,
-            progress=None if quiet else RichProgress(err_console, "evaluating"),
+            progress=None if quiet or as_json else RichProgress(err_console, "evaluating"),
             wait=wait,
             on_wait=lambda holder: err_console.print(f"waiting for the run that holds the folder ({holder})"),
         )
-    if not quiet:
+    rep = _write_report(res.out) if report else None
+    code = 1 if res.skipped else 0
+    if as_json:
+        _print_json(
+            {
+                "command": "evaluate",
+                "exit_code": code,
+                "out": str(res.out),
+                "images": res.images,
+                "skipped": res.skipped,
+                "seconds": round(res.seconds, 3),
+                "metrics": _metrics_json(res),
+                "plots": [str(p) for p in res.plots],
+                "files": _files(res.out, rep),
+            }
+        )
+    elif not quiet:
         _print_metrics(res)
     if res.skipped:
         err_console.print(f"[yellow]{res.skipped} image(s) skipped (a map or the source image is missing)[/]")
-    raise typer.Exit(1 if res.skipped else 0)
+    raise typer.Exit(code)
+
+
+@app.command("report")
+def report_cmd(
+    out: Path = typer.Argument(Path("xai-out"), help="Output folder of `xai explain` (default ./xai-out)."),
+    sheets: bool = typer.Option(
+        True,
+        "--sheets/--no-sheets",
+        help="Write the comparison sheets the detail view shows (once; kept while up to date).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+):
+    """Write OUT/report/index.html: run header, image table (sort, filter, pages), detail view with
+    the comparison sheet, metric summary with curves and per-class means, sanity plots, errors.
+
+    No network needed: open it from the disk or serve OUT with any static web server.
+    """
+    from .report import write_report
+
+    rep = write_report(out, sheets=sheets)
+    if as_json:
+        _print_json(
+            {
+                "command": "report",
+                "exit_code": 0,
+                "out": str(rep.out),
+                "index": str(rep.index),
+                "images": rep.images,
+                "methods": rep.methods,
+                "errors": rep.errors,
+                "sheets_written": rep.sheets_written,
+                "thumbs_written": rep.thumbs_written,
+                "seconds": round(rep.seconds, 3),
+            }
+        )
+    else:
+        Console().print(
+            f"report: {rep.index} ({rep.images} images, {len(rep.methods)} methods, {rep.errors} errors; "
+            f"{rep.sheets_written} sheets and {rep.thumbs_written} thumbnails written)",
+            highlight=False,
+        )
 
 
 def _print_metrics(res) -> None:

@@ -74,6 +74,30 @@ def _named_list(v):
     return out
 
 
+def _check_colormap(v):
+    import matplotlib
+
+    if v is not None and v not in matplotlib.colormaps:
+        raise ValueError("not a matplotlib colormap (e.g. jet, turbo, viridis, inferno, magma; diverging: bwr, RdBu_r)")
+    return v
+
+
+class OverlayCfg(_Strict):
+    """How overlays are drawn (docs/report.md). colormap/alpha default to the top-level keys."""
+
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="heatmap opacity (default: top-level alpha)")
+    colormap: str | None = Field(None, description="for non-negative maps (default: top-level colormap)")
+    diverging: str = Field("bwr", description="for signed maps, centred at zero")
+    clip_percentile: float = Field(99.5, gt=50.0, le=100.0, description="percentile clipping of gradient/signed maps")
+    caption: bool = Field(False, description="a strip below each overlay: method, class, probability")
+    colorbar: bool = Field(False, description="a colorbar in that strip")
+
+    @field_validator("colormap", "diverging")
+    @classmethod
+    def _cmaps(cls, v):
+        return _check_colormap(v)
+
+
 class RunConfig(_Strict):
     model: ModelCfg = Field(default_factory=ModelCfg)
     methods: list[MethodCfg] = Field(default_factory=lambda: [MethodCfg(name="gradcam")], min_length=1)
@@ -86,6 +110,8 @@ class RunConfig(_Strict):
     colormap: str = "jet"
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     max_pixels: int = Field(178_956_970, gt=0)
+    overlay: OverlayCfg = Field(default_factory=OverlayCfg)
+    sheet: bool = False  # comparison sheets OUT/sheets/<rel>.png (original + each method's overlay)
     metrics: list[MetricCfg] = Field(default_factory=list)  # computed in the batch loop (see docs/metrics.md)
     annotations: str | None = None  # bounding boxes (CSV, JSON or Pascal VOC XML) for localization metrics
     _specs: list = PrivateAttr(default_factory=list)  # (key, MethodSpec), built once by validation
@@ -136,11 +162,14 @@ class RunConfig(_Strict):
     @field_validator("colormap")
     @classmethod
     def _colormap(cls, v):
-        import matplotlib
+        return _check_colormap(v)
 
-        if v not in matplotlib.colormaps:
-            raise ValueError("not a matplotlib colormap (e.g. jet, turbo, viridis, inferno, magma)")
-        return v
+    def overlay_style(self) -> OverlayCfg:
+        """The overlay section with colormap/alpha filled from the top-level keys when not set."""
+        o = self.overlay
+        return o.model_copy(
+            update={"colormap": o.colormap or self.colormap, "alpha": self.alpha if o.alpha is None else o.alpha}
+        )
 
     @model_validator(mode="after")
     def _methods_exist(self):

@@ -7,6 +7,7 @@ through the same chunker, and Ctrl-C/SIGTERM exits 130 with finished batches mer
 
     OUT/metrics.csv            image, method, metric, value      (one row per image, method, metric)
     OUT/metrics_summary.csv    method, metric, mean, std, n      (over the images with a finite value)
+    OUT/metrics_summary_by_class.csv   by, class, label, + the same (per predicted / labelled class)
     OUT/metrics_curves.csv     metric, method, x, mean           (mean curve of each curve metric)
     OUT/metrics_<metric>.png   the mean curves of all methods in one plot, AUC/AOPC per method
     OUT/sanity.csv, OUT/sanity_<method>.png   cascading randomization (metric `sanity`)

@@ -191,7 +191,9 @@ def _step(methods: dict, chunker: Chunker, work: list[ImageItem]):
 def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
     errors = ErrorSink(out, summary, log)
     extras = [e for b in methods.values() for e in b.spec.extras]
-    style = MapStyle(cfg.colormap, cfg.alpha)
+    o = cfg.overlay_style()
+    kinds = {k: b.spec.map_kind for k, b in methods.items()}
+    style = MapStyle(o.colormap, o.alpha, o.diverging, o.clip_percentile, o.caption, o.colorbar, kinds)
     sinks = [errors, MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors)]
     if cfg.metrics:
         metrics = build_metrics(cfg.metrics, list(methods))
@@ -203,6 +205,10 @@ def _finish(out, cfg, summary, sinks, status, chunker, log) -> None:
     metric_sink = next((s for s in sinks if isinstance(s, MetricSink)), None)
     if metric_sink is not None and metric_sink.result is not None:
         summary.metrics = metric_sink.result
+    if cfg.sheet and status == "done":
+        from .report import write_sheets
+
+        write_sheets(out)
     write_manifest(out, manifest_of(out, status))
     log.event(
         "run_end",

@@ -17,17 +17,62 @@ from torch import Tensor
 # --------------------------------------------------------------------------------------------
 # maps
 # --------------------------------------------------------------------------------------------
+def _minmax(flat: Tensor, lo: Tensor, hi: Tensor, eps: float = 1e-12) -> Tensor:
+    """THE normalisation: (flat - lo) / (hi - lo) per row, clamped to [0, 1]. A row whose range is
+    (near) zero becomes all ones if hi is positive, else all zeros; never NaN."""
+    rng = hi - lo
+    const = rng <= eps
+    out = ((flat - lo[:, None]) / torch.where(const, torch.ones_like(rng), rng)[:, None]).clamp(0.0, 1.0)
+    fill = (hi > 0).float()[:, None].expand_as(out)
+    return torch.where(const[:, None], fill, out)
+
+
 def normalize01(maps: Tensor, eps: float = 1e-12) -> Tensor:
     """Per-image min-max of [B, ...] to [0, 1] (float32). A constant map becomes all ones if its
     value is positive, else all zeros: a map of ones keeps the whole image, a map of zeros keeps
-    nothing; never NaN. The overlays and the masking metrics (avg-drop, ...) both use this."""
+    nothing; never NaN. The masking metrics (avg-drop, ...) and the overlays of non-negative
+    (CAM-like) maps use this; `display01` builds the other map kinds on the same `_minmax`."""
     flat = maps.flatten(1).float()
-    lo, hi = flat.amin(1), flat.amax(1)
-    rng = hi - lo
-    const = rng <= eps
-    out = (flat - lo[:, None]) / torch.where(const, torch.ones_like(rng), rng)[:, None]
-    fill = (hi > 0).float()[:, None].expand_as(out)
-    return torch.where(const[:, None], fill, out).view(maps.shape)
+    return _minmax(flat, flat.amin(1), flat.amax(1), eps).view(maps.shape)
+
+
+MAP_KINDS = {
+    "positive": "non-negative, spread out (CAM family): per-image min-max",
+    "magnitude": "non-negative, energy in a few pixels (gradient magnitudes): clipped at the "
+    "clip_percentile-th percentile from above, then min-max",
+    "signed": "signed attributions (Input x Gradient, IG, ...): symmetric clipping at the "
+    "clip_percentile-th percentile of |map|, zero at the centre (0.5) of a diverging colormap",
+}
+
+
+def display01(maps: Tensor, kind: str = "positive", clip_percentile: float = 99.5) -> Tensor:
+    """[B, ...] -> [0, 1] for display, by map kind (MAP_KINDS; a method declares its `map_kind`).
+
+    positive   normalize01 (min-max)
+    magnitude  values above the per-image clip_percentile-th percentile are clipped to it, then
+               min-max; a percentile not above the minimum (mass in fewer pixels than the clipped
+               share) falls back to the maximum, i.e. plain min-max
+    signed     s = clip_percentile-th percentile of |map|; map / s clipped to [-1, 1] mapped to
+               [0, 1], so 0 -> 0.5 whatever the balance of positive and negative mass; an
+               all-zero map is 0.5 everywhere
+    """
+    flat = maps.flatten(1).float()
+    if kind == "positive" or flat.shape[1] == 0:
+        return normalize01(maps)
+    q = min(max(float(clip_percentile), 0.0), 100.0) / 100.0
+    if kind == "magnitude":
+        lo, top = flat.amin(1), flat.amax(1)
+        hi = torch.quantile(flat, q, dim=1)
+        hi = torch.where(hi > lo, hi, top)
+        return _minmax(flat.clamp(max=hi[:, None].expand_as(flat)), lo, hi).view(maps.shape)
+    if kind == "signed":
+        a = flat.abs()
+        s = torch.quantile(a, q, dim=1)
+        s = torch.where(s > 0, s, a.amax(1))
+        out = _minmax(flat, -s, s)
+        out = torch.where((s > 0)[:, None], out, torch.full_like(out, 0.5))
+        return out.view(maps.shape)
+    raise ValueError(f"unknown map kind {kind!r} (allowed: {', '.join(MAP_KINDS)})")
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:

@@ -9,6 +9,10 @@ its writers. xaicli/reader.py reads the same layout back.
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
     OUT/<method>/<rel>/<name>.png|npy the same for a method that returns K named maps per image
+    OUT/sheets/<rel>.png              comparison sheet (xaicli/report.py), OUT/report/ the HTML report
+
+Overlays are scaled by the method's map kind (ops.display01); `caption_strip` adds the optional
+caption/colorbar strip below an overlay.
 
 Files are written to a temporary name in the same folder and renamed (atomic on POSIX); CSV
 rows are appended whole and flushed (fsync) at batch boundaries; a whole CSV is only ever
@@ -31,7 +35,7 @@ import torch
 import yaml
 from PIL import Image
 
-from .ops import normalize01
+from .ops import display01
 
 _HEAD = [
     "image",
@@ -122,25 +126,79 @@ def colormap_lut(name: str) -> np.ndarray:
     return (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
 
 
-def overlay(orig: np.ndarray, cam: np.ndarray, box, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    orig: np.ndarray,
+    cam: np.ndarray,
+    box,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    kind: str = "positive",
+    clip_percentile: float = 99.5,
+) -> np.ndarray:
     """Heatmap over the original image at its own resolution.
 
     `cam` is the map over the model input; `box` (left, top, right, bottom) is where that input
     lies in the original image (the centre crop). Outside the box the model saw nothing, so the
-    original is shown dimmed there.
+    original is shown dimmed there. The map is scaled for display by its kind (ops.display01:
+    min-max, percentile-clipped magnitude, or signed around the colormap's centre).
     """
     h, w = orig.shape[:2]
     left, top, right, bottom = (int(round(v)) for v in box)
     left, top = max(left, 0), max(top, 0)
     right, bottom = min(max(right, left + 1), w), min(max(bottom, top + 1), h)
-    m = normalize01(torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None])[0].numpy()
-    resized = np.asarray(Image.fromarray(m, mode="F").resize((right - left, bottom - top), Image.BILINEAR))
+    t = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None]
+    m = np.ascontiguousarray(display01(t, kind, clip_percentile)[0].numpy())
+    size = (right - left, bottom - top)
+    resized = m if m.shape[::-1] == size else np.asarray(Image.fromarray(m, mode="F").resize(size, Image.BILINEAR))
     idx = np.clip(resized * 255.0 + 0.5, 0, 255).astype(np.uint8)
     color = colormap_lut(cmap)[idx]
     out = (orig.astype(np.float32) * 0.5).astype(np.uint8)  # dimmed outside the crop
     region = orig[top:bottom, left:right].astype(np.float32)
     out[top:bottom, left:right] = (region * (1.0 - alpha) + color.astype(np.float32) * alpha + 0.5).astype(np.uint8)
     return out
+
+
+@lru_cache(maxsize=8)
+def font_of(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def caption_strip(
+    img: np.ndarray, text: str | None, cmap: str | None = None, kind: str = "positive", min_height: int = 18
+) -> np.ndarray:
+    """`img` with a dark strip below it: the caption `text` (method, class, probability) on the
+    left and, with `cmap`, a colorbar on the right (labelled low..high, or -0+ for signed maps)."""
+    from PIL import ImageDraw
+
+    h, w = img.shape[:2]
+    sh = max(min_height, min(48, h // 14))
+    fs = max(10, sh - 6)
+    strip = Image.new("RGB", (w, sh), (32, 32, 32))
+    draw = ImageDraw.Draw(strip)
+    bar_w = max(40, min(160, w // 4)) if cmap else 0
+    if text:
+        font, room = font_of(fs), w - 8 - (bar_w + 8 if cmap else 0)
+        while len(text) > 1 and draw.textlength(text, font=font) > room:
+            text = text[:-2] + "…"
+        draw.text((4, max(0, (sh - fs) // 2 - 1)), text, fill=(245, 245, 245), font=font)
+    if cmap:
+        lut = colormap_lut(cmap)[np.linspace(0, 255, bar_w).round().astype(int)]
+        bar = np.repeat(lut[None], max(4, sh // 3), axis=0)
+        x0 = w - bar_w - 4
+        strip.paste(Image.fromarray(bar), (x0, 2))
+        lo, hi = ("-", "+") if kind == "signed" else ("low", "high")
+        small = font_of(max(8, fs * 2 // 3))
+        y = 2 + bar.shape[0]
+        draw.text((x0, y), lo, fill=(230, 230, 230), font=small)
+        draw.text((x0 + bar_w - draw.textlength(hi, font=small), y), hi, fill=(230, 230, 230), font=small)
+        if kind == "signed":
+            draw.text((x0 + bar_w / 2 - draw.textlength("0", font=small) / 2, y), "0", fill=(230, 230, 230), font=small)
+    return np.concatenate([img, np.asarray(strip)], axis=0)
 
 
 def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:

@@ -1,6 +1,6 @@
 """The output folder as code: a reader of the documented layout (xaicli/outputs.py).
 
-`xai evaluate`, the coming HTML report and users' scripts read a run through this one class:
+`xai evaluate`, `xai report` (xaicli/report.py) and users' scripts read a run through this one class:
 
     run = RunFolder("xai-out")
     run.config                      # the RunConfig the run used (validated), run.resolved, run.versions
@@ -86,6 +86,38 @@ class RunFolder:
 
     def metrics_summary(self) -> list[dict]:
         return read_csv(self.out / "metrics_summary.csv")
+
+    def metrics_summary_by_class(self) -> list[dict]:
+        return read_csv(self.out / "metrics_summary_by_class.csv")
+
+    def metrics_curves(self) -> list[dict]:
+        return read_csv(self.out / "metrics_curves.csv")
+
+    def plots(self) -> list[Path]:
+        """The run's plot PNGs in OUT (metrics_<metric>.png, sanity_<method>.png)."""
+        return sorted(p for p in self.out.glob("*.png") if p.name.startswith(("metrics_", "sanity_")))
+
+    def last_run(self) -> dict:
+        """The last run_end event of OUT/xai-log.jsonl (status, done, failed, seconds, ...), or {}."""
+        p = self.out / "xai-log.jsonl"
+        last = {}
+        if p.is_file():
+            for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+                if '"run_end"' in line:
+                    try:
+                        last = json.loads(line)
+                    except ValueError:
+                        pass
+        return last
+
+    def overlay_file(self, method: str, image: str) -> Path:
+        """The overlay PNG of one (method, image); the first named map's for a method with several."""
+        names = self.methods.get(method, ()) or (None,)
+        return map_paths(self.out, method, image, names[0])[0]
+
+    def sheet_file(self, image: str) -> Path:
+        """OUT/sheets/<rel>.png, the comparison sheet of an image."""
+        return (self.out / "sheets" / image).with_name(Path(image).name + ".png")
 
     def manifest(self) -> dict:
         p = self.out / MANIFEST

@@ -26,6 +26,7 @@ from .outputs import (
     ERROR_FIELDS,
     CsvAppender,
     atomic_write_bytes,
+    caption_strip,
     ensure_inside,
     map_paths,
     overlay,
@@ -37,6 +38,7 @@ from .outputs import (
 
 METRIC_FIELDS = ["image", "method", "metric", "value"]
 SUMMARY_FIELDS = ["method", "metric", "mean", "std", "n"]
+CLASS_SUMMARY_FIELDS = ["by", "class", "label", "method", "metric", "mean", "std", "n"]
 CURVE_FIELDS = ["metric", "method", "x", "mean"]
 PARTIAL = ".metrics-partial.csv"
 
@@ -70,16 +72,46 @@ class ErrorSink:
 # --------------------------------------------------------------------------------------------
 # maps and explanations.csv
 # --------------------------------------------------------------------------------------------
-def _write_one(out: Path, png: Path, npy: Path, cam: np.ndarray, orig: np.ndarray, box, cmap: str, alpha: float):
+def _write_one(out: Path, png: Path, npy: Path, cam: np.ndarray, orig: np.ndarray, box, look: dict, caption):
     ensure_inside(out, png)
     save_npy(npy, cam)
-    save_png(png, overlay(orig, cam, box, cmap, alpha))
+    img = overlay(orig, cam, box, look["cmap"], look["alpha"], look["kind"], look["clip_percentile"])
+    if caption is not None or look["colorbar"]:
+        img = caption_strip(img, caption, look["cmap"] if look["colorbar"] else None, look["kind"])
+    save_png(png, img)
 
 
 @dataclass
 class MapStyle:
+    """How MapSink draws overlays: the config's overlay section and each method's map kind."""
+
     colormap: str = "jet"
     alpha: float = 0.5
+    diverging: str = "bwr"  # for signed maps
+    clip_percentile: float = 99.5
+    caption: bool = False
+    colorbar: bool = False
+    kinds: dict[str, str] = field(default_factory=dict)  # method key -> spec.map_kind
+
+    def look(self, key: str) -> dict:
+        kind = self.kinds.get(key, "positive")
+        cmap = self.diverging if kind == "signed" else self.colormap
+        return {
+            "cmap": cmap,
+            "alpha": self.alpha,
+            "kind": kind,
+            "clip_percentile": self.clip_percentile,
+            "colorbar": self.colorbar,
+        }
+
+
+def caption_of(row: dict, name: str | None = None) -> str:
+    """'method: label (p 0.93)' for an explanations.csv row; the top-1 class too when it differs."""
+    method = row["method"] + (f"/{name}" if name else "")
+    text = f"{method}: {row['target_label']} (p {float(row['target_prob']):.2f})"
+    if str(row["top1_class"]) != str(row["target_class"]):
+        text += f", top-1 {row['top1_label']} ({float(row['top1_prob']):.2f})"
+    return text
 
 
 class MapSink:
@@ -108,9 +140,10 @@ class MapSink:
             maps = out.maps.detach().float().cpu()  # one transfer per batch and method
             self.summary.method_seconds[key] = self.summary.method_seconds.get(key, 0.0) + out.seconds
             for j, it in enumerate(result.items):
-                rows.append(self._row(key, out, j, it, maps[j], probs[j], int(tgt[j])))
+                row = self._row(key, out, j, it, maps[j], probs[j], int(tgt[j]))
+                rows.append(row)
                 if out.status[j] == OK:
-                    futures += self._submit(key, out.names, it.rel, maps[j], origs[j])
+                    futures += self._submit(key, out.names, it.rel, maps[j], origs[j], row)
                 else:
                     self.summary.flagged += 1
                     self.log.event("map_flagged", image=it.rel, method=key, status=out.status[j])
@@ -143,14 +176,15 @@ class MapSink:
             row[name] = f"{float(vals[j]):.6g}"
         return row
 
-    def _submit(self, key: str, names: tuple[str, ...], rel: str, m: torch.Tensor, orig: np.ndarray) -> list:
+    def _submit(self, key: str, names: tuple[str, ...], rel: str, m: torch.Tensor, orig: np.ndarray, row) -> list:
         h, w = orig.shape[:2]
         box = self.lm.preprocess.crop_box(w, h)
         maps = [(None, m)] if not names else list(zip(names, m, strict=True))
         futs = []
         for name, one in maps:
             png, npy = map_paths(self.out, key, rel, name)
-            args = (self.out, png, npy, one.numpy(), orig, box, self.style.colormap, self.style.alpha)
+            caption = caption_of(row, name) if self.style.caption else None
+            args = (self.out, png, npy, one.numpy(), orig, box, self.style.look(key), caption)
             futs.append((self.pool.submit(_write_one, *args), rel, key))
         return futs
 
@@ -291,6 +325,9 @@ class MetricSink:
         (self.out / PARTIAL).unlink(missing_ok=True)
         summary = summarize(all_rows)
         write_csv(self.out / "metrics_summary.csv", SUMMARY_FIELDS, summary)
+        write_csv(
+            self.out / "metrics_summary_by_class.csv", CLASS_SUMMARY_FIELDS, summarize_by_class(self.out, all_rows)
+        )
         from .metrics.base import direction_of
 
         res = EvalSummary(self.out, rows=summary)
@@ -352,6 +389,29 @@ def summarize(rows: list[dict]) -> list[dict]:
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0 if n else float("nan")
         out.append({"method": method, "metric": metric, "mean": _fmt(mean), "std": _fmt(std), "n": n})
     return out
+
+
+def summarize_by_class(out: Path, rows: list[dict]) -> list[dict]:
+    """metrics_summary.csv per class: `by` = predicted (the top-1 class of explanations.csv) and,
+    when the run's target was a labels file, `by` = true (the labelled class, its target_class)."""
+    from .outputs import read_run_yaml
+
+    target = (read_run_yaml(out).get("config") or {}).get("target")
+    labelled = isinstance(target, str) and target != "predicted" and not target.strip().isdigit()
+    by_image: dict[str, dict] = {}
+    for r in read_csv(out / "explanations.csv"):
+        by_image[r["image"]] = r  # every method row of an image has the same classes
+    result = []
+    for by, col in [("predicted", "top1")] + ([("true", "target")] if labelled else []):
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for r in rows:
+            e = by_image.get(r["image"]) or {}
+            cls = (e.get(f"{col}_class") or "").strip()
+            if cls.isdigit():  # rows of images without a class (a hand-made folder) are left out
+                groups.setdefault((cls, e.get(f"{col}_label") or ""), []).append(r)
+        for (cls, label), members in sorted(groups.items(), key=lambda kv: int(kv[0][0])):
+            result += [{"by": by, "class": cls, "label": label, **s} for s in summarize(members)]
+    return result
 
 
 def plot_curves(path: Path, metric: str, per_method: list, stat: dict) -> Path:

@@ -35,11 +35,16 @@ from .outputs import (
     write_csv,
 )
 
-HASH_KEYS = ("model", "methods", "target", "input", "colormap", "alpha", "max_pixels")
+HASH_KEYS = ("model", "methods", "target", "input", "colormap", "alpha", "max_pixels", "overlay")
 
 
 def config_hash(cfg: RunConfig) -> str:
     """Hash of everything that changes the outputs (not device, batch size, workers or output).
+
+    Display settings (colormap, alpha, the `overlay:` section) are in it because the overlay PNGs
+    are outputs: a folder drawn with other settings is refused (--force redraws it). The overlay
+    section counts only when it differs from its defaults, so the hash of a config without it is
+    the one earlier versions computed. `sheet` is not in it: sheets are rebuilt from the overlays.
 
     Local files the config names (a checkpoint, a labels file, class names, a method's path
     parameter such as IG's image baseline) count by size and mtime, so a retrained checkpoint at
@@ -47,6 +52,8 @@ def config_hash(cfg: RunConfig) -> str:
     """
     d = dump_config(cfg)
     doc = {k: d.get(k) for k in HASH_KEYS}
+    if cfg.overlay == type(cfg.overlay)():  # the default overlay section: the hash of older configs stays
+        del doc["overlay"]
     files = [cfg.model.weights, cfg.model.class_names, cfg.target if isinstance(cfg.target, str) else None]
     files += [v for m in cfg.methods for v in METHODS[m.name].file_params(m.params).values()]
     doc["files"] = {f: file_key(Path(f)) for f in files if f and Path(f).is_file()}

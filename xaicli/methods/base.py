@@ -158,6 +158,9 @@ class MethodSpec:
     map_names: ClassVar[tuple[str, ...]] = ()  # K named maps per image; () = one map
     path_params: ClassVar[tuple[str, ...]] = ()  # parameters that may hold a file path (rebased, hashed)
     cost: ClassVar[str] = ""  # in forwards (F) and backwards (B) per image, for docs/methods.md
+    # how its overlay is scaled (ops.MAP_KINDS): "positive" (min-max, CAM-like), "magnitude"
+    # (gradient magnitudes: percentile-clipped), "signed" (diverging colormap centred at zero)
+    map_kind: ClassVar[str] = "positive"
 
     def bind(self, ctx: Context) -> BoundMethod:
         return type(self).bound(self, ctx)

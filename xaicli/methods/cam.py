@@ -195,6 +195,7 @@ class BoundGuidedGradCAM(BoundCAM):
 @dataclass
 class GuidedGradCAM(GradCAM):
     bound = BoundGuidedGradCAM
+    map_kind = "magnitude"
     cost = "2 F + B + head-only B"
 
 

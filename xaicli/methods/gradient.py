@@ -87,12 +87,14 @@ class GradientSpec(MethodSpec):
 @register("saliency", "Vanilla gradient (Simonyan 2013): max over channels of |d logit / d pixel|")
 @dataclass
 class Saliency(GradientSpec):
-    pass
+    map_kind = "magnitude"
 
 
 @register("inputxgrad", "Input x Gradient: sum over channels of x * d logit / dx (signed)")
 @dataclass
 class InputXGradient(GradientSpec):
+    map_kind = "signed"
+
     def reduce(self, x: Tensor, grad: Tensor) -> Tensor:
         return (x * grad).sum(dim=1)
 
@@ -104,6 +106,7 @@ class InputXGradient(GradientSpec):
 @dataclass
 class GuidedBackprop(GradientSpec):
     bound = BoundGuided
+    map_kind = "magnitude"
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +229,7 @@ class IntegratedGradients(GradientSpec):
     std: tuple[float, float, float] | None = None
 
     bound = BoundIG
+    map_kind = "signed"
     extras = {"delta": "completeness gap: sum of the attributions - (F(x) - F(baseline)), signed"}
     path_params = ("baseline",)
     cost = "2 F + n_steps x (F + B)"
@@ -292,6 +296,12 @@ class SmoothGrad(MethodSpec):
     base_params: dict[str, Any] = field(default_factory=dict)  # e.g. {n_steps: 16} for IG
 
     bound = BoundSmoothGrad
+
+    @property
+    def map_kind(self) -> str:  # the base method's kind; squared maps are magnitudes
+        kind = METHODS[self.base].map_kind
+        return "magnitude" if self.squared and kind == "signed" else kind
+
     cost = "F + n_samples x (the base method)"
 
     def __post_init__(self):

@@ -297,10 +297,13 @@ def test_evaluate_json_matches_the_files_and_writes_the_report(reported):
     doc = json.loads(r.stdout)
     assert doc["command"] == "evaluate" and doc["exit_code"] == 0 and doc["images"] == len(SAMPLE_FILES)
     summary = {(s["method"], s["metric"]): s for s in _rows(out / "metrics_summary.csv")}
-    assert {(m["method"], m["metric"]) for m in doc["metrics"]} == {("gradcam", "deletion"), ("saliency", "deletion")}
+    # the summary covers every metric of the folder (insertion from the explain run stays)
+    assert {(m["method"], m["metric"]) for m in doc["metrics"]} == set(summary)
+    assert {("gradcam", "deletion"), ("saliency", "deletion"), ("gradcam", "insertion")} <= set(summary)
     for m in doc["metrics"]:
         assert m["n"] == int(summary[(m["method"], m["metric"])]["n"]) == len(SAMPLE_FILES)
-        assert m["better"] == "lower"
+        assert m["mean"] == pytest.approx(float(summary[(m["method"], m["metric"])]["mean"]))
+        assert m["better"] == ("lower" if m["metric"] == "deletion" else "higher")
     assert Path(doc["files"]["report"]).is_file() and Path(doc["files"]["metrics_summary_by_class.csv"]).is_file()
     assert all(Path(p).is_file() for p in doc["plots"])
 

@@ -229,7 +229,7 @@ class EvalSummary:
     images: int = 0
     skipped: int = 0
     seconds: float = 0.0
-    rows: list[dict] = field(default_factory=list)  # metrics_summary.csv rows
+    rows: list[dict] = field(default_factory=list)  # metrics_summary.csv rows of the metrics this run computed
     plots: list[Path] = field(default_factory=list)
     directions: dict[str, str] = field(default_factory=dict)
 
@@ -330,7 +330,7 @@ class MetricSink:
         )
         from .metrics.base import direction_of
 
-        res = EvalSummary(self.out, rows=summary)
+        res = EvalSummary(self.out, rows=[r for r in summary if r["metric"] in names])  # this run's metrics
         res.directions = {r["metric"]: direction_of(r["metric"]) for r in summary} | self.directions
         res.plots = self._write_curves(summary)
         if self.sanity_rows:

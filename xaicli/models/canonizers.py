@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from zennit.canonizers import AttributeCanonizer, Canonizer, MergeBatchNorm, SequentialMergeBatchNorm
+from zennit.canonizers import AttributeCanonizer, Canonizer, SequentialMergeBatchNorm
 from zennit.layer import Sum
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
@@ -58,7 +58,7 @@ class TimmBatchNormActCanonizer(Canonizer):
         parent_name, _, attr = name.rpartition(".")
         self.parent = root_module.get_submodule(parent_name) if parent_name else root_module
         self.attr, self.original = attr, bn
-        self.merge = MergeBatchNorm()
+        self.merge = SequentialMergeBatchNorm()
         self.merge.register([linear], bn)  # bn becomes the identity, linear carries its affine map
         setattr(self.parent, attr, bn.act)
 

@@ -55,7 +55,7 @@ def _params(cls) -> str:
     out = []
     for f in cls.params():
         text = f"`{f.name}={_value(_default(f))}`"
-        choices = list(OBJECTIVES) if f.name == "objective" else _choices(hints.get(f.name))
+        choices = _choices(hints.get(f.name)) or (list(OBJECTIVES) if f.name == "objective" else [])
         if choices:
             text += " (" + " \\| ".join(choices) + ")"
         out.append(text)

@@ -372,3 +372,19 @@ def test_cli_lrp_methods_default_and_torchvision(tmp_path):
         assert "conservation_gap" in rows[0]
         assert len(rows) == 1 + 3 * 2
         assert all((out / m / "chelsea.npy").exists() for m in ("lrp", "clrp", "relevance_cam"))
+
+
+def test_lrp_config_validates():
+    from conftest import ROOT
+    from xaicli.config import build_config
+
+    specs = dict(build_config(ROOT / "configs" / "lrp.yaml").specs())
+    assert {s.composite for s in specs.values()} >= {"epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1_flat"}
+    assert specs["relevance_cam"].layer == "blocks.3" and specs["clrp"].objective == "clrp"
+
+
+def test_bad_parameters_are_refused():
+    with pytest.raises(MethodError, match="alpha - beta = 1"):
+        build_method("lrp", alpha=3.0, beta=1.0)
+    with pytest.raises(MethodError):
+        build_method("lrp", composite="nope")

@@ -119,7 +119,9 @@ def test_bias_free_net_has_no_bias_after_merge(net):
 @pytest.mark.parametrize("epsilon", [0.0, 1e-9])
 def test_conservation_lrp0_and_epsilon(net, epsilon):
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    bound = build_method("lrp", composite="epsilon", epsilon=epsilon, stabilizer=1e-12).bind(make_context(net, (16, 16)))
+    bound = build_method("lrp", composite="epsilon", epsilon=epsilon, stabilizer=1e-12).bind(
+        make_context(net, (16, 16))
+    )
     res = bound(x)
     logit = res.logits.gather(1, res.target[:, None])[:, 0]
     total = res.maps.flatten(1).sum(1)
@@ -190,7 +192,9 @@ def test_uncanonized_residual_block_is_refused():
         def forward(self, x):
             return x + self.conv(x)
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), Block(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), Block(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
     with pytest.raises(MethodError, match=r"layer '1' \(Block\)"):
         build_method("lrp").bind(make_context(model, (16, 16)))
 
@@ -289,7 +293,9 @@ def test_default_model_conservation_without_biases(default_model):
                 m.bias.copy_(m.running_mean * m.weight / torch.sqrt(m.running_var + m.eps))
         model.get_classifier().bias.zero_()
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(7))
-    res = build_method("lrp", composite="epsilon", epsilon=1e-9, stabilizer=1e-12).bind(make_context(model, (96, 96)))(x)
+    res = build_method("lrp", composite="epsilon", epsilon=1e-9, stabilizer=1e-12).bind(make_context(model, (96, 96)))(
+        x
+    )
     logit = res.logits.gather(1, res.target[:, None])[:, 0]
     assert torch.allclose(res.maps.flatten(1).sum(1), logit, rtol=1e-4, atol=1e-6)
 
@@ -379,7 +385,11 @@ def test_lrp_config_validates():
     from xaicli.config import build_config
 
     specs = dict(build_config(ROOT / "configs" / "lrp.yaml").specs())
-    assert {s.composite for s in specs.values()} >= {"epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1_flat"}
+    assert {s.composite for s in specs.values()} >= {
+        "epsilon_gamma_box",
+        "epsilon_plus_flat",
+        "epsilon_alpha2_beta1_flat",
+    }
     assert specs["relevance_cam"].layer == "blocks.3" and specs["clrp"].objective == "clrp"
 
 

@@ -1,4 +1,5 @@
-"""Benchmark: images/s of each xaicli method vs plain inference, and vs peers on the same batch.
+"""Benchmark: images/s of each xaicli method vs plain inference and vs saliency (one forward +
+one backward, the "F+B" unit: LRP's modified backward is compared with it), and vs peers.
 
     python bench/bench_methods.py                       # CPU or CUDA (auto), default model, batch 16
     python bench/bench_methods.py --device cuda --batch 64 --methods gradcam,saliency --peers
@@ -35,6 +36,8 @@ BENCH_PARAMS = {
     "integrated_gradients": {"n_steps": 32, "internal_batch": 128},  # Captum: internal_batch_size 128
     "smoothgrad": {"n_samples": 16},
 }
+# the LRP family is timed next to saliency (F + B) by default
+LRP_METHODS = ("saliency", "lrp", "clrp", "sglrp", "relevance_cam")
 
 
 def timeit(fn, device, warmup: int, repeat: int) -> float:
@@ -103,7 +106,33 @@ def peer_fns(lm, x, target, layer_name):
         fns["gradcam / torchcam"] = torchcam_gradcam
     except ImportError:
         pass
+    try:
+        from zennit.composites import EpsilonGammaBox
+
+        from xaicli.methods.lrp import box_bounds
+
+        low, high = box_bounds(x, lm.preprocess.mean, lm.preprocess.std)
+        canon = lm_canonizers(lm)
+        comp = EpsilonGammaBox(low=low, high=high, canonizers=canon)
+
+        def zennit_lrp():
+            xx = x.detach().clone().requires_grad_(True)
+            with torch.enable_grad(), comp.context(model) as m:
+                out = m(xx)
+                init = torch.zeros_like(out).scatter_(1, target[:, None], 1.0) * out.detach()
+                (g,) = torch.autograd.grad(out, xx, init)
+            return g.sum(1)
+
+        fns["lrp / zennit (canonizers applied and reverted per call)"] = zennit_lrp
+    except ImportError:
+        pass
     return fns
+
+
+def lm_canonizers(lm):
+    from xaicli.models.adapter import ModelAdapter
+
+    return ModelAdapter(lm.model).canonizers()
 
 
 def e2e(n: int, batch: int, device: str, methods: str) -> tuple[float, float]:
@@ -154,13 +183,17 @@ def main() -> None:
     model = lm.model
     x = make_batch(lm, a.batch, device)
     names = [m for m in a.methods.split(",") if m] or sorted(METHODS)
+    names.sort(key=lambda n: n != "saliency")  # saliency first: the F+B unit of the other rows
     with torch.no_grad():
         target = model(x).argmax(1)
     lines = []
 
+    fb = None  # seconds of saliency (1 F + 1 B) on the batch: the F+B unit
+
     def row(name, sec, base):
         ips = a.batch / sec
-        lines.append(f"| {name} | {ips:.1f} | {sec / base:.2f}x |")
+        unit = f"{sec / fb:.2f}" if fb else ""
+        lines.append(f"| {name} | {ips:.1f} | {sec / base:.2f}x | {unit} |")
         print(lines[-1], flush=True)
 
     def infer():
@@ -181,17 +214,21 @@ def main() -> None:
             f"device: {device.type} ({dev}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
             f"model {a.model}, batch {a.batch}, median of {a.repeat}",
             "",
-            "| method | images/s | time vs plain inference |",
-            "|---|---|---|",
+            "| method | images/s | time vs plain inference | F+B units (saliency = 1) |",
+            "|---|---|---|---|",
         ]
         print("\n".join(head), flush=True)
         lines += head
+        fb = timeit(lambda: warm(x, target), device, a.warmup, a.repeat)
         row("plain inference (no grad)", base, base)
         layer = None
         for n in names:
             m = build_method(n, **BENCH_PARAMS.get(n, {})).bind(ctx)  # bound once, like a run
             layer = layer or m.resolved().get("layer")
-            row(n, timeit(lambda m=m: m(x, target), device, a.warmup, a.repeat), base)
+            sec = timeit(lambda m=m: m(x, target), device, a.warmup, a.repeat)
+            if n == "saliency":
+                fb = sec  # the F+B unit is the saliency row itself when it is timed
+            row(n, sec, base)
         if a.peers:
             layer = layer or ctx.adapter.default_layer()
             peer_model = copy.deepcopy(lm)

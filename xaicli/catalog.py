@@ -55,7 +55,7 @@ def _params(cls) -> str:
     out = []
     for f in cls.params():
         text = f"`{f.name}={_value(_default(f))}`"
-        choices = list(OBJECTIVES) if f.name == "objective" else _choices(hints.get(f.name))
+        choices = _choices(hints.get(f.name)) or (list(OBJECTIVES) if f.name == "objective" else [])
         if choices:
             text += " (" + " \\| ".join(choices) + ")"
         out.append(text)
@@ -64,6 +64,12 @@ def _params(cls) -> str:
 
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or "–"
+
+
+def _kind_doc(cls) -> str:
+    """A map_kind that depends on the parameters: the first line of the property's comment/doc."""
+    doc = (cls.map_kind.fget.__doc__ or "").strip().splitlines()
+    return _cell(doc[0]) if doc else "depends on the parameters"
 
 
 def methods_table() -> str:
@@ -77,7 +83,7 @@ def methods_table() -> str:
     for name, cls in sorted(METHODS.items()):
         extras = ", ".join(f"`{e}`" for e in cls.extras) or "–"
         names = f" (maps: {', '.join(f'`{n}`' for n in cls.map_names)})" if cls.map_names else ""
-        kind = cls.map_kind if isinstance(cls.map_kind, str) else "of its base"  # smoothgrad: a property
+        kind = cls.map_kind if isinstance(cls.map_kind, str) else _kind_doc(cls)  # a property: its docstring
         lines.append(
             f"| `{name}` | {_cell(cls.description)}{names} | {_params(cls)} | {extras} | {_cell(cls.cost)} | {kind} |"
         )

@@ -192,3 +192,19 @@ def guided_relu(model: nn.Module) -> Iterator[int]:
     finally:
         for h in handles:
             h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# LRP rules (Zennit composites)
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def lrp_rules(model: nn.Module, composite) -> Iterator[nn.Module]:
+    """Register an LRP rule composite (a `zennit.core.Composite`: its rule hooks, and the
+    canonizers it carries) on `model` while the block is open; every hook is removed and every
+    canonizer reverted on any exit. xaicli's LRP canonizes a deep copy once and passes composites
+    without canonizers, so only the rule hooks come and go here."""
+    composite.register(model)
+    try:
+        yield model
+    finally:
+        composite.remove()

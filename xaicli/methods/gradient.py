@@ -298,7 +298,8 @@ class SmoothGrad(MethodSpec):
     bound = BoundSmoothGrad
 
     @property
-    def map_kind(self) -> str:  # the base method's kind; squared maps are magnitudes
+    def map_kind(self) -> str:
+        """the base method's; magnitude when squared"""
         kind = METHODS[self.base].map_kind
         return "magnitude" if self.squared and kind == "signed" else kind
 

@@ -4,7 +4,7 @@
     adapter.module(name)        a named module, or a MethodError listing the candidates
     adapter.head()              the classifier Linear that reads the pooled features (CAM's check)
     adapter.to_grid(t)          token activations [B, N, D] -> [B, D, h, w]; spatial maps unchanged
-    adapter.canonizers()        model-specific canonizers for LRP (none yet: the LRP issue adds them)
+    adapter.canonizers()        the Zennit canonizers LRP applies to its copy (models/canonizers.py)
 
 timm models answer through their own API (`get_classifier()`, `feature_info`); other models
 through a traced dummy forward. Methods never inspect modules themselves.
@@ -84,4 +84,22 @@ class ModelAdapter:
         return t
 
     def canonizers(self) -> list:
-        return []
+        """Fresh Zennit canonizers for this architecture (ResNet, VGG, timm EfficientNet, else
+        BatchNorm merging); apply them to a copy: they modify the model they are applied to."""
+        from .canonizers import canonizers_for
+
+        return canonizers_for(self.model)
+
+    def canonized_copy(self) -> nn.Module:
+        """A canonized deep copy of the model for LRP (eval mode, no parameter gradients); the
+        model itself is never modified."""
+        from .canonizers import canonized_copy
+
+        return canonized_copy(self.model, self.canonizers())
+
+    def lrp_unsupported(self, model: nn.Module | None = None) -> list[tuple[str, str]]:
+        """(name, type) of the layers of `model` (a canonized copy; default: this model) that no
+        LRP rule covers."""
+        from .canonizers import unsupported_layers
+
+        return unsupported_layers(self.model if model is None else model)

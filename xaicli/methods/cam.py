@@ -18,6 +18,7 @@ from torch import Tensor
 from ..errors import MethodError
 from ..hooks import capture, capture_io
 from ..ops import upsample
+from ..registry import Batch
 from .base import (
     BoundMethod,
     MethodSpec,
@@ -283,7 +284,7 @@ class ScoreCAM(CAMSpec):
     score: Literal["prob", "logit"] | None = None  # older name of `objective`; wins when set
     baseline: bool = False
     channel_softmax: bool = False
-    internal_batch: int = 64  # masked images per forward
+    internal_batch: Batch = 64  # masked images per forward
 
     bound = BoundScoreCAM
     needs_grad = False

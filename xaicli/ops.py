@@ -100,8 +100,15 @@ def reference(
 # --------------------------------------------------------------------------------------------
 # chunking with out-of-memory back-off
 # --------------------------------------------------------------------------------------------
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    """Out of memory on any device: CUDA/MPS OOM, or the CPU allocator's failure (RuntimeError
+    "DefaultCPUAllocator: can't allocate memory", MemoryError): the chunker backs off the same way."""
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXTS)
 
 
 def _free_cache(device) -> None:

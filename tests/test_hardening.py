@@ -211,3 +211,80 @@ def test_reasonable_values_still_pass(tmp_path):
         },
     )
     assert cfg.batch_size == 4096 and cfg.specs()[0][1].internal_batch == 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# random draws do not depend on the batch (the red-team symptom, at the run level)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_batch_size_does_not_change_seeded_maps_or_metrics(tmp_path):
+    """Same config with -b 2 and -b 1: IG with the uniform baseline, SmoothGrad, and aopc /
+    pixel-flipping with the uniform substrate give the same maps and values for every image."""
+    from xaicli.explain_run import run_explain
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for n in ("chelsea.png", "coffee.png", "rocket.jpg"):
+        Image.open(SAMPLES / n).convert("RGB").resize((128, 96)).save(imgs / (Path(n).stem + ".png"))
+    methods = [
+        {"name": "integrated_gradients", "id": "ig", "baseline": "uniform", "n_steps": 6},
+        {"name": "smoothgrad", "n_samples": 3},
+    ]
+    metrics = [
+        {"name": "aopc", "regions": 6, "substrate": "uniform"},
+        {"name": "pixel-flipping", "per_step": 0.25, "substrate": "uniform"},
+    ]
+    outs = {}
+    for b in (2, 1):
+        out = tmp_path / f"b{b}"
+        cfg = build_config(
+            None,
+            {
+                "input": str(imgs),
+                "output": str(out),
+                "methods": methods,
+                "metrics": metrics,
+                "batch_size": b,
+                "workers": 0,
+            },
+        )
+        run_explain(cfg)
+        outs[b] = out
+    for m in ("ig", "smoothgrad"):
+        for n in ("chelsea", "coffee", "rocket"):
+            a, c = np.load(outs[2] / m / f"{n}.npy"), np.load(outs[1] / m / f"{n}.npy")
+            np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6 * float(np.abs(c).max()), err_msg=f"{m}/{n}")
+    key = lambda r: (r["image"], r["method"], r["metric"])  # noqa: E731
+    v2 = {key(r): float(r["value"]) for r in rows(outs[2] / "metrics.csv")}
+    v1 = {key(r): float(r["value"]) for r in rows(outs[1] / "metrics.csv")}
+    assert set(v2) == set(v1) and len(v1) == 3 * 2 * 2
+    for k in v1:
+        assert v2[k] == pytest.approx(v1[k], rel=1e-4, abs=1e-6), k
+
+
+# ----------------------------------------------------------------------------------------------
+# --metrics after a kill
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkilled_metrics_run_keeps_the_metrics_of_finished_images(tmp_path):
+    """kill -9 during `xai explain --metrics`: every image with an explanations.csv row has its
+    metric row on disk (OUT/.metrics-partial.csv, streamed per batch); the next run merges them
+    into metrics.csv: one row per image, none lost, none twice."""
+    imgs, out = corpus(tmp_path / "imgs", 30), tmp_path / "out"
+    args = ["explain", imgs, "-m", "gradcam", "-b", "2", "--workers", "0", "-q", "--metrics", "avg-drop"]
+    args += ["--out", out]
+    p = subprocess.Popen([sys.executable, "-m", "xaicli", *map(str, args)], env=_env(), cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(rows(out / "explanations.csv")) < 6:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = {r["image"] for r in rows(out / "explanations.csv")}
+    assert 0 < len(done) < 30, "the kill must land mid-run"
+    partial = {r["image"] for r in rows(out / ".metrics-partial.csv")}
+    assert done <= partial | {r["image"] for r in rows(out / "metrics.csv")}
+    r = run_xai(*args)
+    assert r.returncode == 0, r.stderr
+    assert not (out / ".metrics-partial.csv").exists()
+    got = [r["image"] for r in rows(out / "metrics.csv") if r["metric"] == "avg-drop"]
+    assert sorted(got) == sorted(f"img_{i:03d}" for i in range(30))

@@ -207,10 +207,13 @@ def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
     errors = ErrorSink(out, summary, log)
     extras = [e for b in methods.values() for e in b.spec.extras]
     style = MapStyle(cfg.colormap, cfg.alpha)
-    sinks = [errors, MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors)]
+    sinks = [errors]
     if cfg.metrics:
+        # before the map sink: a batch's metric rows (OUT/.metrics-partial.csv) are on disk before
+        # its explanations.csv rows, so an image a kill leaves up to date always has its metrics
         metrics = build_metrics(cfg.metrics, list(methods))
         sinks.append(MetricSink(out, metrics, ctx, methods, load_annotations(cfg.annotations, metrics)))
+    sinks.append(MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors))
     return sinks
 
 

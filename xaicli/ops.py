@@ -82,7 +82,8 @@ def reference(
     black    pixel value 0 normalised with the model's mean/std
     mean     zero in normalised space (the dataset's mean colour)
     blur     Gaussian blur of x (sigma `blur_sigma` px; radius `blur_radius`, default 3 sigma)
-    uniform  uniform noise in [0, 1] pixel space from `seed` (CPU generator: same on every device)
+    uniform  uniform noise in [0, 1] pixel space from `seed` (CPU generator: same on every device),
+             drawn once per call as [1, C, H, W]: the same for every image, whatever its batch
     """
     if kind == "mean":
         return torch.zeros_like(x)
@@ -92,8 +93,8 @@ def reference(
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     if kind == "black":
         return ((0.0 - m) / s).expand_as(x).contiguous()
-    if kind == "uniform":
-        return (seeded_rand(x.shape, seed, x) - m) / s
+    if kind == "uniform":  # one draw for every image: an image's reference never depends on its batch
+        return ((seeded_rand((1, *x.shape[1:]), seed, x) - m) / s).expand_as(x).contiguous()
     raise ValueError(f"unknown reference {kind!r} (allowed: {', '.join(REFERENCES)})")
 
 

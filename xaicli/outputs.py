@@ -9,10 +9,12 @@ its writers. xaicli/reader.py reads the same layout back.
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
     OUT/<method>/<rel>/<name>.png|npy the same for a method that returns K named maps per image
+    OUT/.xai-damaged/                 damaged state files that `xai explain --repair` set aside
 
 Files are written to a temporary name in the same folder and renamed (atomic on POSIX); CSV
 rows are appended whole and flushed (fsync) at batch boundaries; a whole CSV is only ever
-rewritten through `write_csv` (temporary file + rename).
+rewritten through `write_csv` (temporary file + rename). Readers never trust the folder: a
+torn or garbage CSV line is dropped, a damaged file is a StateError naming the file and the fix.
 """
 
 from __future__ import annotations

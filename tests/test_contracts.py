@@ -211,3 +211,26 @@ def test_method_metric_direction_and_range(name):
         out[label] = float(v.mean())
     better = out["model"] < out["blind"] if metric.direction == "lower" else out["model"] > out["blind"]
     assert better, out
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in METRICS.items() if "method" not in c.needs))
+def test_metric_scores_do_not_depend_on_the_batch(name):
+    """An image's scores are the same in a batch and alone (seeded substrates such as `uniform`
+    are drawn per call, not per batch position)."""
+    metric = build_metric(name, **params_for(name))
+    x, t = square_batch()
+    maps, ref = torch.stack([oracle(1)[0], anti_map(1)[0]]), torch.stack([anti_map(1)[0], oracle(1)[0]])
+
+    def run(idx):
+        extras = {}
+        if "boxes" in metric.needs:
+            extras["boxes"] = [SQUARE_BOX] * len(idx)
+        if "reference" in metric.needs:
+            extras["reference"] = ref[idx]
+        return metric(BigSquare(), x[idx], maps[idx], t[idx], **extras)
+
+    both = run([0, 1])
+    alone = [run([i]) for i in (0, 1)]
+    for key, v in both.scores.items():
+        got = torch.cat([a.scores[key] for a in alone])
+        assert torch.allclose(v.double(), got.double(), rtol=1e-5, atol=1e-6, equal_nan=True), (key, v, got)

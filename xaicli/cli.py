@@ -90,6 +90,12 @@ def explain(
     wait: bool = typer.Option(
         False, "--wait", help="If another run holds the output folder, wait for it (else exit 3)."
     ),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="Rebuild a damaged output folder's state: damaged state files go to OUT/.xai-damaged/, whole "
+        "CSV rows are kept, finished maps are not recomputed (see the README's cron section).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be done; write nothing."),
     limit: int | None = typer.Option(
         None, "--limit", min=1, help="Process at most N images (of those not up to date)."
@@ -137,7 +143,7 @@ def explain(
     }
     cfg = build_config(config, overrides)
     progress = None if quiet or as_json else RichProgress(err_console)
-    options = RunOptions(force=force, wait=wait, dry_run=dry_run, limit=limit, shard=shard)
+    options = RunOptions(force=force, wait=wait, dry_run=dry_run, limit=limit, shard=shard, repair=repair)
     with interruptible():
         summary = run_explain(
             cfg,

@@ -8,6 +8,7 @@ Every mistake becomes a ConfigError naming the key and what is allowed (exit cod
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, XaiError
+from .outputs import is_reserved, load_yaml
 
 DEFAULT_OUT = "xai-out"
 
@@ -26,7 +28,9 @@ class _Strict(BaseModel):
 class ModelCfg(_Strict):
     name: str = Field("default", description="default | torchvision:NAME | timm:NAME")
     weights: str | None = Field(None, description="default | none | weights name/tag | path to checkpoint")
-    num_classes: int | None = Field(None, gt=0, description="for checkpoints with their own head")
+    num_classes: int | None = Field(
+        None, gt=0, le=1_000_000, strict=True, description="for checkpoints with their own head"
+    )
     class_names: str | None = Field(None, description="text file, one class name per line")
     layer: str | None = Field(None, description="target layer for CAM methods (auto when empty)")
 
@@ -103,13 +107,13 @@ class RunConfig(_Strict):
     methods: list[MethodCfg] = Field(default_factory=lambda: [MethodCfg(name="gradcam")], min_length=1)
     target: str | int = "predicted"
     input: InputCfg | None = None
-    output: str = DEFAULT_OUT
+    output: str = Field(DEFAULT_OUT, min_length=1)
     device: str = "auto"
-    batch_size: int = Field(8, gt=0)
-    workers: int = Field(2, ge=0)
+    batch_size: int = Field(8, gt=0, le=4096, strict=True)
+    workers: int = Field(2, ge=0, le=64, strict=True)
     colormap: str = "jet"
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
-    max_pixels: int = Field(178_956_970, gt=0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    max_pixels: int = Field(178_956_970, gt=0, le=2**40, strict=True)
     overlay: OverlayCfg = Field(default_factory=OverlayCfg)
     sheet: bool = False  # comparison sheets OUT/sheets/<rel>.png (original + each method's overlay)
     metrics: list[MetricCfg] = Field(default_factory=list)  # computed in the batch loop (see docs/metrics.md)
@@ -121,6 +125,21 @@ class RunConfig(_Strict):
         return list(self._specs)
 
     # -- shorthand forms ---------------------------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data):
+        bad = _find_nul(data)
+        if bad is not None:
+            raise ValueError(f"'{bad}': contains a NUL byte")
+        return data
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v):
+        if not v.strip():
+            raise ValueError("must name a folder (an empty output is refused, not replaced by the default)")
+        return v
+
     @field_validator("model", mode="before")
     @classmethod
     def _model_str(cls, v):
@@ -183,8 +202,13 @@ class RunConfig(_Strict):
                 raise ValueError(f"methods[{i}]: {e}") from None
             if m.key in seen:
                 raise ValueError(f"methods[{i}]: '{m.key}' appears twice; give one an `id:` (its output folder)")
-            if "/" in m.key or m.key.startswith("."):
+            if "/" in m.key or "\\" in m.key or m.key.startswith("."):
                 raise ValueError(f"methods[{i}]: id '{m.key}' must be a plain folder name")
+            if is_reserved(m.key):
+                raise ValueError(
+                    f"methods[{i}]: id '{m.key}' is a name the output folder's layout uses "
+                    "(run.yaml, explanations.csv, metrics_*, ...); give the method another id"
+                )
             seen.add(m.key)
         from .metrics import build_metric
 
@@ -206,6 +230,22 @@ class RunConfig(_Strict):
                 )
         self._specs = specs
         return self
+
+
+def _find_nul(v, where: str = "", depth: int = 0) -> str | None:
+    """The location of the first string holding a NUL byte (paths cannot hold one)."""
+    if depth > 50:
+        return None
+    if isinstance(v, str):
+        return where or "value" if "\0" in v else None
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list | tuple) else ()
+    for k, x in items:
+        if isinstance(k, str) and "\0" in k:
+            return f"{where}.{k}".lstrip(".")
+        bad = _find_nul(x, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}".lstrip("."), depth + 1)
+        if bad is not None:
+            return bad
+    return None
 
 
 def _loc(loc) -> str:
@@ -241,13 +281,18 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data, dups = load_yaml(p.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    if dups:
+        shown = ", ".join(f"'{k}' (line {n})" for k, n in dups[:3])
+        print(f"warning: {p}: duplicate key(s) {shown}: the last one wins", file=sys.stderr)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -259,7 +304,7 @@ def _rebase(data: dict, base: Path) -> dict:
     """Make the config file's relative paths relative to its own folder."""
 
     def fix(v: str) -> str:
-        return v if Path(v).is_absolute() else str(base / v)
+        return v if not v.strip() or Path(v).is_absolute() else str(base / v)
 
     d = dict(data)
     if isinstance(d.get("input"), str):
@@ -341,6 +386,8 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     if cfg.input is None:
         raise ConfigError(f"{source}: no input: give a folder, glob or list file (argument or `input:` key)")
     if isinstance(cfg.target, str) and cfg.target != "predicted" and not Path(cfg.target).is_file():

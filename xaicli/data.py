@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob as globmod
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -199,11 +200,33 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
-def _worker_init(_worker_id: int) -> None:
+def die_with_parent(parent: int | None = None) -> bool:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG),
+    so decode workers never outlive a main process killed with -9. No-op elsewhere; True if set."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent is not None and os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def _worker_init(_worker_id: int, parent: int | None = None) -> None:
     import signal
 
     from PIL import Image
 
+    die_with_parent(parent)  # a `kill -9` of the main process takes its workers at once
     # forked workers inherit the output lock's file descriptor; drop it so the lock dies with
     # the main process (kill -9) instead of living on in orphaned workers
     close_inherited_locks()
@@ -219,7 +242,7 @@ def _worker_init(_worker_id: int) -> None:
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=partial(_worker_init, parent=os.getpid()) if workers > 0 else None,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -45,3 +45,8 @@ class LockedError(XaiError):
     """Another run holds the output folder."""
 
     exit_code = EXIT_LOCKED
+
+
+class StateError(XaiError):
+    """A state file in the output folder is damaged (hand edit, full disk, bad sync): the message
+    names the file and the fix (`xai explain --repair`)."""

@@ -32,7 +32,7 @@ from .ops import Chunker
 from .outputs import write_manifest
 from .reader import RunFolder, manifest_of
 from .sinks import EvalSummary, MetricSink
-from .state import JsonLog
+from .state import JsonLog, check_state
 
 DEFAULT_METRICS = "deletion,insertion"
 
@@ -92,6 +92,9 @@ def evaluable(folder: RunFolder, run_cfg: RunConfig, keys: list[str]) -> tuple[l
             skipped += 1
             continue
         first = per[keys[0]]
+        if not (first.get("target_class") or "").strip().isdigit():  # a hand-edited row
+            skipped += 1
+            continue
         path = locate(first["path"]) if first.get("path") else None
         if path is None or not path.is_file():
             if fallback is None:
@@ -158,6 +161,7 @@ def run_evaluate(
     ann = load_annotations(annotations or cfg_data.get("annotations") or run_cfg.annotations, metric_objs)
     evaluable(folder, run_cfg, keys)  # a folder with nothing to score fails before waiting for the lock
     with OutputLock(out, wait=wait, on_wait=on_wait):
+        check_state(folder.out, explain=False)  # one line naming a damaged file and the fix (exit 2)
         log = JsonLog(folder.out / "xai-log.jsonl")
         items, targets, skipped = evaluable(folder, run_cfg, keys)  # again: another run may have finished
         log.event("evaluate_start", metrics=[m.name for m in metric_objs], images=len(items), skipped=skipped)

@@ -24,7 +24,17 @@ from .ops import Chunker
 from .outputs import explanation_fields, write_manifest, write_run_yaml
 from .reader import manifest_of
 from .sinks import ErrorSink, MapSink, MapStyle, MetricSink
-from .state import JsonLog, OutputLock, apply_plan, config_hash, make_plan, parse_shard, shard_of
+from .state import (
+    JsonLog,
+    OutputLock,
+    apply_plan,
+    check_state,
+    config_hash,
+    make_plan,
+    parse_shard,
+    repair_lock,
+    shard_of,
+)
 
 
 @dataclass
@@ -60,6 +70,7 @@ class RunOptions:
     dry_run: bool = False  # print the plan, write nothing
     limit: int | None = None  # process at most N images of the plan
     shard: str | None = None  # "I/N": only images whose key hashes to shard I of N
+    repair: bool = False  # set damaged state files aside and rebuild them from what is on disk
 
 
 def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str, int]:
@@ -134,12 +145,16 @@ def run_explain(cfg: RunConfig, *, progress=None, options: RunOptions | None = N
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"output: cannot create the folder {out}: {e.strerror or e}") from None
+    if opts.repair:
+        repair_lock(out)
     with OutputLock(out, wait=opts.wait, on_wait=on_wait):
         return _run_locked(cfg, opts, disc, items, out, chash, progress, t_start)
 
 
 def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSummary:
     log = JsonLog(out / "xai-log.jsonl")
+    extras = [e for _, spec in cfg.specs() for e in spec.extras]
+    check_state(out, log, opts.repair, {"explanations.csv": explanation_fields(extras)})
     plan = make_plan(out, items, cfg, chash, opts.force)
     todo = plan.limited(opts.limit)
     device = resolve_device(cfg.device)
@@ -194,10 +209,13 @@ def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
     o = cfg.overlay_style()
     kinds = {k: b.spec.map_kind for k, b in methods.items()}
     style = MapStyle(o.colormap, o.alpha, o.diverging, o.clip_percentile, o.caption, o.colorbar, kinds)
-    sinks = [errors, MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors)]
+    sinks = [errors]
     if cfg.metrics:
+        # before the map sink: a batch's metric rows (OUT/.metrics-partial.csv) are on disk before
+        # its explanations.csv rows, so an image a kill leaves up to date always has its metrics
         metrics = build_metrics(cfg.metrics, list(methods))
         sinks.append(MetricSink(out, metrics, ctx, methods, load_annotations(cfg.annotations, metrics)))
+    sinks.append(MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors))
     return sinks
 
 

@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import LockedError
+from .errors import LockedError, StateError
 
 LOCK_NAME = ".xai.lock"
 # ----------------------------------------------------------------------------------------------
@@ -39,6 +39,11 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if (self.path.exists() or self.path.is_symlink()) and not self.path.is_file():
+            raise StateError(
+                f"{self.path}: damaged state file (not a regular file); remove it, or run `xai explain` "
+                "again with --repair"
+            )
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -127,7 +127,8 @@ def reference(
     black    pixel value 0 normalised with the model's mean/std
     mean     zero in normalised space (the dataset's mean colour)
     blur     Gaussian blur of x (sigma `blur_sigma` px; radius `blur_radius`, default 3 sigma)
-    uniform  uniform noise in [0, 1] pixel space from `seed` (CPU generator: same on every device)
+    uniform  uniform noise in [0, 1] pixel space from `seed` (CPU generator: same on every device),
+             drawn once per call as [1, C, H, W]: the same for every image, whatever its batch
     """
     if kind == "mean":
         return torch.zeros_like(x)
@@ -137,16 +138,23 @@ def reference(
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     if kind == "black":
         return ((0.0 - m) / s).expand_as(x).contiguous()
-    if kind == "uniform":
-        return (seeded_rand(x.shape, seed, x) - m) / s
+    if kind == "uniform":  # one draw for every image: an image's reference never depends on its batch
+        return ((seeded_rand((1, *x.shape[1:]), seed, x) - m) / s).expand_as(x).contiguous()
     raise ValueError(f"unknown reference {kind!r} (allowed: {', '.join(REFERENCES)})")
 
 
 # --------------------------------------------------------------------------------------------
 # chunking with out-of-memory back-off
 # --------------------------------------------------------------------------------------------
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    """Out of memory on any device: CUDA/MPS OOM, or the CPU allocator's failure (RuntimeError
+    "DefaultCPUAllocator: can't allocate memory", MemoryError): the chunker backs off the same way."""
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXTS)
 
 
 def _free_cache(device) -> None:

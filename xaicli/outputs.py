@@ -9,14 +9,13 @@ its writers. xaicli/reader.py reads the same layout back.
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
     OUT/<method>/<rel>/<name>.png|npy the same for a method that returns K named maps per image
-    OUT/sheets/<rel>.png              comparison sheet (xaicli/report.py), OUT/report/ the HTML report
-
-Overlays are scaled by the method's map kind (ops.display01); `caption_strip` adds the optional
-caption/colorbar strip below an overlay.
+from .errors import StateError
+from .ops import display01
 
 Files are written to a temporary name in the same folder and renamed (atomic on POSIX); CSV
 rows are appended whole and flushed (fsync) at batch boundaries; a whole CSV is only ever
-rewritten through `write_csv` (temporary file + rename).
+rewritten through `write_csv` (temporary file + rename). Readers never trust the folder: a
+torn or garbage CSV line is dropped, a damaged file is a StateError naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import torch
 import yaml
 from PIL import Image
 
+from .errors import StateError
 from .ops import display01
 
 _HEAD = [
@@ -57,7 +57,34 @@ _TAIL = [
     "mtime_ns",
 ]
 CORE_FIELDS = _HEAD + _TAIL
+READ_FIELDS = ("image", "method", "status")  # what reader.RunFolder needs of explanations.csv
+# every name the layout uses at the top of OUT (a method id, i.e. its folder, may not be one)
+RESERVED_NAMES = (
+    "run.yaml",
+    "manifest.json",
+    "explanations.csv",
+    "errors.csv",
+    "metrics.csv",
+    "metrics_summary.csv",
+    "metrics_curves.csv",
+    "sanity.csv",
+    "xai-log.jsonl",
+    "visualizations.csv",
+    "visualize",
+    "sheets",
+    "report",
+    "report.html",
+)
+
+
+def is_reserved(name: str) -> bool:
+    """A top-level name of the layout (case-insensitive: some file systems are)."""
+    n = name.lower()
+    return n in RESERVED_NAMES or n.startswith(("metrics_", "sanity_", "metrics.", "xai-log", ".xai"))
+
+
 ERROR_FIELDS = ["image", "path", "reason"]
+METRIC_FIELDS = ["image", "method", "metric", "value"]
 MANIFEST = "manifest.json"
 
 
@@ -214,7 +241,7 @@ def csv_header(path: Path) -> list[str] | None:
     try:
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
             return next(csv.reader(f), None)
-    except OSError:
+    except (OSError, csv.Error):
         return None
 
 
@@ -247,11 +274,93 @@ class CsvAppender:
             os.fsync(f.fileno())
 
 
-def read_csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
+REPAIR_HINT = "run `xai explain` again with --repair to rebuild the folder's state from the maps on disk"
+
+
+def damaged(path: Path, why: str, fix: str = REPAIR_HINT) -> StateError:
+    """The one-line error of a damaged state file: the file, what is wrong, the fix."""
+    return StateError(f"{path}: damaged state file ({why}); {fix}")
+
+
+def read_csv_report(path: Path, required: tuple[str, ...] | list[str] = ()) -> tuple[list[dict], int]:
+    """(whole rows, number of lines dropped) of a CSV in the output folder.
+
+    A torn or garbage line (wrong number of fields, a field over the csv module's limit, an
+    unterminated quote) is dropped and counted, never fatal. A file that is not a regular file,
+    or whose header lacks the `required` columns, raises StateError (exit 2, names the fix)."""
+    if not path.exists() and not path.is_symlink():
+        return [], 0
+    if not path.is_file():
+        raise damaged(path, "not a regular file")
+    rows: list[dict] = []
+    dropped = 0
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.reader(f)
+        header = None
+        while True:
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                dropped += 1
+                if header is None:
+                    header = []  # an unreadable header: every row is unusable
+                continue
+            if header is None:
+                header = rec
+                continue
+            if len(rec) != len(header) or "\0" in "".join(rec):
+                dropped += 1
+                continue
+            rows.append(dict(zip(header, rec, strict=True)))
+    if header is None:
+        return [], dropped
+    missing = [c for c in required if c not in header]
+    if missing or len(set(header)) != len(header):
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise damaged(path, f"its header lacks the column(s) {shown}" if missing else "duplicate columns")
+    return rows, dropped
+
+
+def read_csv(path: Path, required: tuple[str, ...] | list[str] = ()) -> list[dict]:
+    """The whole rows of a CSV (torn/garbage lines dropped); see read_csv_report."""
+    return read_csv_report(path, required)[0]
+
+
+def _dup_mapping(loader, node, deep=False):
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                loader.duplicates.append((key, key_node.start_mark.line + 1))
+            seen.add(key)
+        except TypeError:  # an unhashable key: the constructor below says so
+            pass
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+class SafeLoaderDup(yaml.SafeLoader):
+    """yaml.SafeLoader that records duplicate mapping keys ([(key, line)] in `.duplicates`)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[tuple[object, int]] = []
+
+
+SafeLoaderDup.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _dup_mapping)
+
+
+def load_yaml(text: str) -> tuple[object, list[tuple[object, int]]]:
+    """Safe-load YAML text: (data, duplicate keys as (key, line)). Raises yaml.YAMLError or
+    RecursionError (too deeply nested)."""
+    loader = SafeLoaderDup(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
 
 
 def versions() -> dict:
@@ -280,10 +389,52 @@ def write_run_yaml(out: Path, config: dict, extra: dict) -> None:
 
 
 def read_run_yaml(out: Path) -> dict:
+    """OUT/run.yaml as a mapping ({} when there is none); a damaged one raises StateError."""
     p = out / "run.yaml"
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         return {}
-    return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not p.is_file():
+        raise damaged(p, "not a regular file")
+    try:
+        doc, _ = load_yaml(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise damaged(p, "not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise damaged(p, f"not valid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
+    except (RecursionError, MemoryError):
+        raise damaged(p, "nested too deeply") from None
+    except OSError as e:
+        raise damaged(p, f"unreadable: {e.strerror or e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise damaged(p, "not a mapping with a `config:` mapping")
+    if not isinstance(doc.get("resolved") or {}, dict) or not isinstance(doc.get("versions") or {}, dict):
+        raise damaged(p, "`resolved` / `versions` are not mappings")
+    return doc
+
+
+def method_keys(run: dict) -> list[str]:
+    """The method keys (output folders) a run.yaml names, tolerating hand edits."""
+    methods = (run.get("config") or {}).get("methods")
+    out = []
+    for m in methods if isinstance(methods, list) else []:
+        k = (m.get("id") or m.get("name")) if isinstance(m, dict) else m
+        if isinstance(k, str) and k and "/" not in k and "\0" not in k and not k.startswith("."):
+            out.append(k)
+    return out
+
+
+def read_manifest(out: Path) -> dict:
+    """OUT/manifest.json, {} when missing or unreadable (it is rewritten at the end of every run)."""
+    import json
+
+    p = out / MANIFEST
+    try:
+        doc = json.loads(p.read_bytes().decode("utf-8")) if p.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def write_manifest(out: Path, doc: dict) -> None:

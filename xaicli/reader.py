@@ -21,7 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .outputs import MANIFEST, map_paths, read_csv, read_run_yaml
+from .outputs import (
+    ERROR_FIELDS,
+    METRIC_FIELDS,
+    READ_FIELDS,
+    REPAIR_HINT,
+    damaged,
+    map_paths,
+    method_keys,
+    read_csv,
+    read_manifest,
+    read_run_yaml,
+)
 
 
 class RunFolder:
@@ -29,6 +40,7 @@ class RunFolder:
         self.out = Path(out)
         if not self.out.is_dir():
             raise InputError(f"{self.out}: no such output folder (run `xai explain` first, or name the folder)")
+        self._config = None
         self.run = read_run_yaml(self.out)
         if not self.run or "config" not in self.run:
             raise InputError(f"{self.out}: no run.yaml here; is this an output folder of `xai explain`?")
@@ -41,13 +53,18 @@ class RunFolder:
 
         from .config import RunConfig, format_validation_error
 
+        if self._config is not None:
+            return self._config
         try:
-            return RunConfig.model_validate(self.run["config"])
-        except ValidationError:
             try:
-                return RunConfig.model_validate({**self.run["config"], "metrics": []})
-            except ValidationError as e:
-                raise ConfigError(format_validation_error(e, str(self.out / "run.yaml"))) from None
+                self._config = RunConfig.model_validate(self.run["config"])
+            except ValidationError:
+                self._config = RunConfig.model_validate({**self.run["config"], "metrics": []})
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, str(self.out / "run.yaml")) + f"; {REPAIR_HINT}") from None
+        except (RecursionError, TypeError, ValueError) as e:
+            raise damaged(self.out / "run.yaml", f"its config cannot be read: {type(e).__name__}") from None
+        return self._config
 
     @property
     def resolved(self) -> dict:
@@ -61,15 +78,11 @@ class RunFolder:
     def methods(self) -> dict[str, tuple[str, ...]]:
         from .methods import METHODS
 
-        out = {}
-        for m in self.run["config"].get("methods", []):
-            cls = METHODS.get(m.get("name"))
-            out[m.get("id") or m.get("name")] = tuple(cls.map_names) if cls else ()
-        return out
+        return {m.key: tuple(METHODS[m.name].map_names) for m in self.config.methods}
 
     # -- tables ----------------------------------------------------------------------------------
     def explanations(self) -> list[dict]:
-        return read_csv(self.out / "explanations.csv")
+        return read_csv(self.out / "explanations.csv", READ_FIELDS)
 
     def latest(self) -> dict[str, dict[str, dict]]:
         """{image: {method: row}}, the last row of each (image, method) winning."""
@@ -79,13 +92,13 @@ class RunFolder:
         return by_image
 
     def errors(self) -> list[dict]:
-        return read_csv(self.out / "errors.csv")
+        return read_csv(self.out / "errors.csv", ERROR_FIELDS)
 
     def metrics(self) -> list[dict]:
-        return read_csv(self.out / "metrics.csv")
+        return read_csv(self.out / "metrics.csv", METRIC_FIELDS)
 
     def metrics_summary(self) -> list[dict]:
-        return read_csv(self.out / "metrics_summary.csv")
+        return read_csv(self.out / "metrics_summary.csv", ("method", "metric", "mean"))
 
     def metrics_summary_by_class(self) -> list[dict]:
         return read_csv(self.out / "metrics_summary_by_class.csv")
@@ -120,8 +133,8 @@ class RunFolder:
         return (self.out / "sheets" / image).with_name(Path(image).name + ".png")
 
     def manifest(self) -> dict:
-        p = self.out / MANIFEST
-        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+        """manifest.json ({} when missing or damaged: every run rewrites it at its end)."""
+        return read_manifest(self.out)
 
     # -- maps ------------------------------------------------------------------------------------
     def map_files(self, method: str, image: str) -> list[Path]:
@@ -141,8 +154,8 @@ class RunFolder:
 def manifest_of(out: Path, status: str) -> dict:
     """What a run wrote, by kind (listed from the folder at the end of the run)."""
     run = read_run_yaml(out)
-    keys = [m.get("id") or m.get("name") for m in (run.get("config") or {}).get("methods", [])]
-    rows = read_csv(out / "explanations.csv")
+    keys = method_keys(run)
+    rows = read_csv(out / "explanations.csv", READ_FIELDS)
     per = {k: sum(1 for r in rows if r["method"] == k and r["status"] == "ok") for k in keys}
     files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
     return {
@@ -151,7 +164,7 @@ def manifest_of(out: Path, status: str) -> dict:
         "files": files,
         "maps": {k: {"folder": k, "ok": n} for k, n in per.items()},
         "explanations": len(rows),
-        "errors": len(read_csv(out / "errors.csv")),
-        "metrics": sorted({r["metric"] for r in read_csv(out / "metrics.csv")}),
+        "errors": len(read_csv(out / "errors.csv", ERROR_FIELDS)),
+        "metrics": sorted({r["metric"] for r in read_csv(out / "metrics.csv", METRIC_FIELDS)}),
         "plots": [f for f in files if f.endswith(".png")],
     }

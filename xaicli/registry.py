@@ -3,10 +3,57 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
+from typing import Annotated
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from .errors import XaiError
+
+# bounded numeric parameters (a typo such as 100000 or 99999999999999999999 is refused when the
+# config is read instead of exhausting memory or time in the night)
+Batch = Annotated[int, Field(ge=1, le=4096)]  # items per forward/backward of an inner loop
+Count = Annotated[int, Field(ge=1, le=100_000)]  # path points, samples, steps
+MAX_INT = 2**31 - 1  # any other integer parameter
+
+
+def check_values(params: dict, where: str = "") -> str | None:
+    """The first value no parameter may hold: a non-finite float, a NUL byte, a huge integer.
+    Returns 'parameter ...: why' or None."""
+    for k, v in params.items():
+        loc = f"{where}.{k}" if where else str(k)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"parameter '{loc}': must be a finite number (got {v!r})"
+        if isinstance(v, str) and "\0" in v:
+            return f"parameter '{loc}': contains a NUL byte"
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+            return f"parameter '{loc}': {v} is out of range (at most {MAX_INT})"
+        if isinstance(v, dict):
+            bad = check_values(v, loc)
+            if bad:
+                return bad
+        if isinstance(v, list | tuple):
+            bad = check_values({f"[{i}]": x for i, x in enumerate(v)}, loc)
+            if bad:
+                return bad
+    return None
+
+
+def _numeric_fields(cls) -> set[str]:
+    """Fields typed int or float (maybe Annotated/Optional): a YAML `true` there is a mistake."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        return set()
+    out = set()
+    for name, h in hints.items():
+        args = {a for a in typing.get_args(h) if a is not type(None)} if typing.get_args(h) else {h}
+        if typing.get_origin(h) is Annotated:
+            args = {typing.get_args(h)[0]}
+        if args and args <= {int, float}:
+            out.add(name)
+    return out
 
 
 def registrar(registry: dict):
@@ -38,6 +85,12 @@ def build_registered(registry: dict, kind: str, name: str, params: dict, error: 
     if unknown:
         shown = ", ".join(sorted(allowed)) or "none"
         raise error(f"{kind} '{name}': unknown parameter '{unknown[0]}' (allowed: {shown})")
+    bad = check_values(params)
+    if bad:
+        raise error(f"{kind} '{name}': {bad}")
+    flags = sorted(k for k in _numeric_fields(cls) if isinstance(params.get(k), bool))
+    if flags:
+        raise error(f"{kind} '{name}': parameter '{flags[0]}': a number is needed (got {params[flags[0]]!r})")
     try:
         return TypeAdapter(cls).validate_python(params)
     except ValidationError as e:

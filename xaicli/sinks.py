@@ -24,6 +24,7 @@ from .data import printable
 from .engine import OK, BatchResult
 from .outputs import (
     ERROR_FIELDS,
+    METRIC_FIELDS,
     CsvAppender,
     atomic_write_bytes,
     caption_strip,
@@ -36,7 +37,6 @@ from .outputs import (
     write_csv,
 )
 
-METRIC_FIELDS = ["image", "method", "metric", "value"]
 SUMMARY_FIELDS = ["method", "metric", "mean", "std", "n"]
 CLASS_SUMMARY_FIELDS = ["by", "class", "label", "method", "metric", "mean", "std", "n"]
 CURVE_FIELDS = ["metric", "method", "x", "mean"]
@@ -252,7 +252,7 @@ class MetricSink:
         self.directions: dict[str, str] = {m.name: m.direction for m in metrics}
         self.result: EvalSummary | None = None
         if (self.out / PARTIAL).exists():
-            _merge(self.out, read_csv(self.out / PARTIAL), names=set(), replace_all=False)
+            _merge(self.out, read_csv(self.out / PARTIAL, METRIC_FIELDS), names=set(), replace_all=False)
             (self.out / PARTIAL).unlink(missing_ok=True)
         self.rows = CsvAppender(self.out / PARTIAL, METRIC_FIELDS)
 
@@ -319,7 +319,7 @@ class MetricSink:
         return rows
 
     def close(self, status: str) -> None:
-        new = read_csv(self.out / PARTIAL)
+        new = read_csv(self.out / PARTIAL, METRIC_FIELDS)
         names = {r["metric"] for r in new} | {m.name for m in self.metrics}
         all_rows = _merge(self.out, new, names, replace_all=self.replace_all and status == "done")
         (self.out / PARTIAL).unlink(missing_ok=True)
@@ -363,7 +363,7 @@ def _merge(out: Path, new: list[dict], names: set[str], replace_all: bool) -> li
     keys = {(r["image"], r["method"], r["metric"]) for r in new}
     old = [
         r
-        for r in read_csv(out / "metrics.csv")
+        for r in read_csv(out / "metrics.csv", METRIC_FIELDS)
         if (r["image"], r["method"], r["metric"]) not in keys and not (replace_all and r["metric"] in names)
     ]
     rows = old + new

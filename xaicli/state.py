@@ -21,16 +21,22 @@ from pathlib import Path
 
 from .config import RunConfig, dump_config
 from .data import ImageItem
-from .errors import ConfigError
+from .errors import ConfigError, StateError
 from .locks import LOCK_NAME, OutputLock, close_inherited_locks  # noqa: F401  (re-exported)
 from .methods import METHODS
 from .outputs import (
     CORE_FIELDS,
     ERROR_FIELDS,
+    MANIFEST,
+    METRIC_FIELDS,
+    READ_FIELDS,
     TMP_PREFIX,
     csv_header,
+    damaged,
     map_paths,
+    method_keys,
     read_csv,
+    read_csv_report,
     read_run_yaml,
     write_csv,
 )
@@ -107,8 +113,7 @@ class Plan:
 
 
 def _has_outputs(out: Path, prev: dict) -> bool:
-    names = [m.get("id") or m.get("name") for m in (prev.get("config") or {}).get("methods", [])]
-    return bool(read_csv(out / "explanations.csv")) or any((out / str(n)).is_dir() for n in names if n)
+    return bool(read_csv(out / "explanations.csv", CORE_FIELDS)) or any((out / n).is_dir() for n in method_keys(prev))
 
 
 def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, force: bool) -> Plan:
@@ -120,6 +125,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
     """
     prev = read_run_yaml(out)
     prev_hash = prev.get("config_hash")
+    prev_hash = str(prev_hash) if prev_hash is not None else None
     keys = {it.rel: file_key(it.path) for it in items}
     other = bool(prev_hash and prev_hash != chash)
     if other and _has_outputs(out, prev):
@@ -135,7 +141,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
     methods = [m.key for m in cfg.methods]
     names = {m.key: METHODS[m.name].map_names or (None,) for m in cfg.methods}
     done: dict[tuple[str, str], dict] = {}
-    for r in read_csv(out / "explanations.csv"):
+    for r in read_csv(out / "explanations.csv", CORE_FIELDS):
         if _valid(r, CORE_FIELDS):
             done[(r["image"], r["method"])] = r
     todo, up = [], 0
@@ -162,7 +168,7 @@ def _rewrite_csv(path: Path, fields: list[str], keep) -> None:
     if not path.exists():
         return
     header = csv_header(path) or fields
-    write_csv(path, header, [r for r in read_csv(path) if _valid(r, fields) and keep(r)])
+    write_csv(path, header, [r for r in read_csv(path, fields) if _valid(r, fields) and keep(r)])
 
 
 TRASH_PREFIX = ".xai-trash-"
@@ -180,7 +186,7 @@ def apply_plan(out: Path, items: list[ImageItem], plan: Plan, todo: list[int], m
         shutil.rmtree(old, ignore_errors=True)
     trash = None
     if plan.replace_config:
-        names = [m.get("id") or m.get("name") for m in (plan.previous.get("config") or {}).get("methods", [])]
+        names = method_keys(plan.previous)
         trash = out / f"{TRASH_PREFIX}{os.getpid()}"
         for name in names:
             d = out / str(name)
@@ -202,6 +208,112 @@ def apply_plan(out: Path, items: list[ImageItem], plan: Plan, todo: list[int], m
         if tmp.is_file() and not tmp.is_symlink():
             tmp.unlink(missing_ok=True)
     return trash
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged state: detect (one line, exit 2) or --repair
+# ----------------------------------------------------------------------------------------------
+DAMAGED_DIR = ".xai-damaged"  # --repair moves damaged state files here (hidden: not in the manifest)
+STATE_CSVS: dict[str, tuple[str, ...]] = {
+    "explanations.csv": tuple(CORE_FIELDS),
+    "errors.csv": tuple(ERROR_FIELDS),
+    "metrics.csv": tuple(METRIC_FIELDS),
+    ".metrics-partial.csv": tuple(METRIC_FIELDS),
+    "metrics_summary.csv": ("method", "metric", "mean"),
+}
+# written whole at the end of a run (never read for state): only their kind is checked
+WRITTEN_FILES = (MANIFEST, "xai-log.jsonl", "metrics_curves.csv", "sanity.csv")
+
+
+def set_aside(out: Path, name: str) -> Path:
+    """Move OUT/name into OUT/.xai-damaged/ (kept for a person to look at); returns the new path."""
+    d = out / DAMAGED_DIR
+    d.mkdir(exist_ok=True)
+    dst = d / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+    os.replace(out / name, dst)
+    return dst
+
+
+def _salvage_csv(path: Path, fields: list[str]) -> int:
+    """Rewrite a CSV whose header is damaged with `fields`, keeping the lines that have exactly
+    those fields (the original goes to OUT/.xai-damaged/). Returns the number of rows kept."""
+    import csv
+
+    kept = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        while True:
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                continue
+            if len(rec) == len(fields) and rec != fields and "\0" not in "".join(rec):
+                kept.append(dict(zip(fields, rec, strict=True)))
+    set_aside(path.parent, path.name)
+    write_csv(path, fields, kept)
+    return len(kept)
+
+
+def repair_lock(out: Path) -> None:
+    """--repair, before taking the lock: a .xai.lock that is not a regular file is set aside."""
+    p = out / LOCK_NAME
+    if (p.exists() or p.is_symlink()) and not p.is_file():
+        set_aside(out, LOCK_NAME)
+
+
+def check_state(
+    out: Path, log=None, repair: bool = False, fields: dict[str, list[str]] | None = None, explain: bool = True
+) -> dict:
+    """Check every state file of OUT before a run uses it (call it under the lock).
+
+    Damage (not a regular file, a CSV header without its columns, run.yaml that is not valid
+    YAML / UTF-8 / a mapping) raises StateError naming the file and the fix; with `repair` the
+    file is set aside in OUT/.xai-damaged/ instead and a CSV's whole rows are kept (`fields`:
+    the columns to read a CSV with a damaged header by). Torn or garbage CSV lines are dropped
+    by every reader; here they are counted and logged (`state_dropped_lines`). `explain`: check
+    explanations.csv for the resume columns (else only for those the reader needs). Returns
+    {file: what was done} for the log."""
+    done: dict[str, str] = {}
+    for name in WRITTEN_FILES:
+        p = out / name
+        if (p.exists() or p.is_symlink()) and not p.is_file():
+            if not repair:
+                raise damaged(p, "not a regular file")
+            set_aside(out, name)
+            done[name] = "set aside (not a regular file)"
+    try:
+        read_run_yaml(out)
+    except StateError:
+        if not repair:
+            raise
+        set_aside(out, "run.yaml")
+        done["run.yaml"] = "set aside (damaged; rewritten by this run)"
+    for name, required in STATE_CSVS.items():
+        if name == "explanations.csv" and not explain:
+            required = READ_FIELDS  # what the reader (xai evaluate) needs
+        p = out / name
+        try:
+            _, dropped = read_csv_report(p, required)
+        except StateError:
+            if not repair:
+                raise
+            if p.is_file():
+                n = _salvage_csv(p, (fields or {}).get(name) or list(required))
+                done[name] = f"header rebuilt, {n} whole row(s) kept"
+            else:
+                set_aside(out, name)
+                done[name] = "set aside (not a regular file)"
+            continue
+        if dropped:
+            done[name] = f"{dropped} torn or garbage line(s) dropped"
+            if repair:
+                write_csv(p, csv_header(p) or list(required), read_csv(p, required))
+    if log is not None:
+        for name, what in done.items():
+            log.event("state_dropped_lines" if "dropped" in what else "state_repaired", file=name, what=what)
+    return done
 
 
 class JsonLog:

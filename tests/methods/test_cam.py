@@ -157,6 +157,26 @@ def test_gradcampp_hand_computed():
     assert torch.allclose(gc[0], (0.5 - 0.25 - 1 / 3 + 1) / 4 * a, atol=1e-6)
 
 
+def test_gradcampp_alpha_eps_hand_computed():
+    # A = [[1, 2], [0, 3]] (sum 6); g = [[0.5, 1e-4], [0, 0]]: one tiny gradient
+    # eq. 19 (alpha_eps 0): alpha = 1 / (2 + 6 g): 1/5 and 1/2.0006 -> w = 0.5/5 + 1e-4/2.0006
+    # alpha_eps 1e-6 (pytorch-grad-cam): alpha = g^2 / (2 g^2 + 6 g^3 + 1e-6):
+    #   0.25 / (0.5 + 0.75 + 1e-6) and 1e-8 / (2e-8 + 6e-12 + 1e-6) (~0.0098: the tiny gradient is dropped)
+    v = torch.tensor([[[0.5, 1e-4], [0.0, 0.0]]])
+    net = Toy(v).eval()
+    a = torch.tensor([[1.0, 2.0], [0.0, 3.0]])
+    x, t = a.view(1, 1, 2, 2), torch.tensor([0])
+    w19 = 0.5 / 5 + 1e-4 / 2.0006
+    weps = 0.5 * 0.25 / 1.250001 + 1e-4 * 1e-8 / (2e-8 + 6e-12 + 1e-6)
+    got19 = explain(net, x, "gradcampp", target=t, layer="feat")
+    goteps = explain(net, x, "gradcampp", target=t, layer="feat", alpha_eps=1e-6)
+    assert torch.allclose(got19[0], w19 * a, rtol=1e-6, atol=0)
+    assert torch.allclose(goteps[0], weps * a, rtol=1e-6, atol=0)
+    assert abs(w19 - weps) / w19 > 4e-4  # the two settings differ by far more than the tolerance
+    with pytest.raises(MethodError, match="alpha_eps"):
+        explain(net, x, "gradcampp", target=t, layer="feat", alpha_eps=-1.0)
+
+
 def test_xgradcam_and_layercam_by_hand():
     v = torch.tensor([[[0.5, -0.25], [-1.0, 1.0]]])
     net = Toy(v).eval()

@@ -138,3 +138,14 @@ def test_integrated_gradients_vs_captum(setup):
     assert min(rho) >= RHO
     # same completeness gap (signed: sum IG - (F(x) - F(x')), Captum's convention)
     assert torch.allclose(out.extras["delta"], delta.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_gradcampp_alpha_eps_matches_pytorch_grad_cam(setup):
+    """alpha_eps=1e-6 is pytorch-grad-cam's alpha (its eps in the denominator): the maps agree
+    at least as well as with equation 19."""
+    lm, x, t = setup
+    theirs = _grad_cam_peer("GradCAMPlusPlus", lm.model, x, t)
+    eps = per_image(explain(lm, x, "gradcampp", target=t, layer="bn2", alpha_eps=1e-6), theirs)
+    eq19 = per_image(explain(lm, x, "gradcampp", target=t, layer="bn2"), theirs)
+    print("gradcampp alpha_eps=1e-6 vs pytorch-grad-cam", eps, "eq. 19", eq19)
+    assert min(eps) >= 0.99999 and min(eps) >= min(eq19)

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..errors import MethodError
 from ..hooks import capture, capture_io
 from ..ops import upsample
+from ..registry import Batch
 from .base import (
     BoundMethod,
     MethodSpec,
@@ -202,14 +203,29 @@ class GuidedGradCAM(GradCAM):
 @register("gradcampp", "Grad-CAM++ (Chattopadhay 2018): positive gradients weighted by the closed-form alpha (eq. 19)")
 @dataclass
 class GradCAMPlusPlus(CAMSpec):
+    # 0: equation 19 exactly. > 0 (pytorch-grad-cam uses 1e-6): alpha = g^2 / (2 g^2 + sum(A) g^3
+    # + alpha_eps), which zeroes alpha where g^2 << alpha_eps, i.e. drops positions with tiny
+    # gradients: maps look cleaner (pointing game higher on some data) but are no longer eq. 19
+    alpha_eps: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha_eps < 0:
+            raise MethodError("gradcampp: alpha_eps must be >= 0 (0 = equation 19)")
+
     def weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         # alpha = g^2 / (2 g^2 + (sum_ab A_ab) g^3) = 1 / (2 + (sum_ab A_ab) g) where g != 0:
         # the channel sum of A is taken first, then multiplied by g (the g^3 term); alpha = 0
         # where g == 0 or the denominator vanishes (no g^3 underflow either).
         sum_a = acts.sum(dim=(2, 3), keepdim=True)
-        denom = 2.0 + sum_a * grads
+        if self.alpha_eps > 0:
+            g2 = grads * grads
+            denom = 2.0 * g2 + sum_a * g2 * grads + self.alpha_eps
+        else:
+            g2 = torch.ones_like(grads)
+            denom = 2.0 + sum_a * grads
         ok = (grads != 0) & (denom != 0)
-        alpha = torch.where(ok, 1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(grads))
+        alpha = torch.where(ok, g2 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(grads))
         return (alpha * F.relu(grads)).sum(dim=(2, 3))
 
 
@@ -284,7 +300,7 @@ class ScoreCAM(CAMSpec):
     score: Literal["prob", "logit"] | None = None  # older name of `objective`; wins when set
     baseline: bool = False
     channel_softmax: bool = False
-    internal_batch: int = 64  # masked images per forward
+    internal_batch: Batch = 64  # masked images per forward
 
     bound = BoundScoreCAM
     needs_grad = False

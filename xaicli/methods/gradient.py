@@ -23,6 +23,7 @@ from torch import Tensor
 from ..errors import MethodError
 from ..hooks import guided_relu
 from ..ops import REFERENCES, cpu_generator, reference
+from ..registry import Batch, Count
 from .base import (
     METHODS,
     BoundMethod,
@@ -219,10 +220,10 @@ class BoundIG(BoundGradient):
 @dataclass
 class IntegratedGradients(GradientSpec):
     baseline: str = "black"  # black | mean | blur | uniform | path/to/image
-    n_steps: int = 50
+    n_steps: Count = 50
     method: Literal["gausslegendre", "trapezoid", "riemann"] = "gausslegendre"
     score: Literal["logit", "prob"] | None = None  # older name of `objective`; wins when set
-    internal_batch: int = 64  # path points per forward/backward
+    internal_batch: Batch = 64  # path points per forward/backward
     blur_sigma: float = 10.0  # pixels, for baseline: blur
     seed: int = 0  # for baseline: uniform
     mean: tuple[float, float, float] | None = None  # the model's normalisation (default: the model's)
@@ -245,6 +246,16 @@ class IntegratedGradients(GradientSpec):
                 f"integrated_gradients: baseline '{self.baseline}' is neither one of "
                 f"{', '.join(REFERENCES)} nor an existing image file"
             )
+        if self.baseline not in REFERENCES:
+            from PIL import Image
+
+            try:
+                with Image.open(self.baseline) as im:
+                    im.verify()
+            except Exception:
+                raise MethodError(
+                    f"integrated_gradients: baseline '{self.baseline}' exists but is not an image PIL can read"
+                ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,10 +299,10 @@ class BoundSmoothGrad(BoundMethod):
 @dataclass
 class SmoothGrad(MethodSpec):
     base: Literal["saliency", "inputxgrad", "guided_backprop", "integrated_gradients"] = "saliency"
-    n_samples: int = 25
+    n_samples: Count = 25
     noise_level: float = 0.15  # sigma = noise_level * (x_max - x_min), per image
     squared: bool = False  # SmoothGrad-Squared: mean of map**2
-    internal_batch: int = 32  # noisy images per call of the base method
+    internal_batch: Batch = 32  # noisy images per call of the base method
     seed: int = 0
     base_params: dict[str, Any] = field(default_factory=dict)  # e.g. {n_steps: 16} for IG
 

@@ -19,10 +19,11 @@ from torch import Tensor
 
 from ..methods.base import Context
 from ..ops import normalize01, reference
+from ..registry import Batch
 from .base import Curve, Metric, MetricResult, auc, chunked_probs, register, target_probs
 
 Substrate = Literal["mean", "zero", "black", "blur", "uniform"]  # zero = black: the names of ops.reference
-PosInt = Annotated[int, Field(gt=0)]
+PosInt = Annotated[int, Field(gt=0, le=1_000_000)]
 PosFloat = Annotated[float, Field(gt=0)]
 
 
@@ -99,7 +100,7 @@ def perturbation_curve(
 class Deletion(Metric):
     step: PosFloat = 1792  # pixels per step (>= 1), or a fraction of all pixels (< 1); RISE: 224*8
     substrate: Substrate = "mean"  # what replaces removed pixels
-    internal_batch: PosInt = 32  # perturbed images per forward pass
+    internal_batch: Batch = 32  # perturbed images per forward pass
     seed: int = 0  # for the uniform substrate
 
     direction: ClassVar[str] = "lower"
@@ -149,7 +150,7 @@ class RegionPerturbation(Metric):
     per_step: PosFloat = 1  # regions per step (>= 1), or a fraction of L (< 1)
     substrate: Substrate = "uniform"  # what replaces a perturbed region
     order: Literal["morf", "lerf"] = "morf"  # most relevant first, or least relevant first
-    internal_batch: PosInt = 32
+    internal_batch: Batch = 32
     seed: int = 0
 
     curve_xlabel: ClassVar[str] = "regions perturbed"
@@ -205,7 +206,7 @@ class _Masked(Metric):
     """Y = p(x), O = p(E (.) x) with E the [0,1] min-max map (constant maps: 1 if positive)."""
 
     value_range: ClassVar[tuple[float, float]] = (0.0, 100.0)
-    internal_batch: PosInt = 32
+    internal_batch: Batch = 32
     space: Literal["normalized", "pixel"] = (
         "normalized"  # multiply E into the normalised tensor (0 -> mean colour) or into [0,1] pixels (0 -> black)
     )

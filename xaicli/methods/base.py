@@ -158,6 +158,9 @@ class MethodSpec:
     map_names: ClassVar[tuple[str, ...]] = ()  # K named maps per image; () = one map
     path_params: ClassVar[tuple[str, ...]] = ()  # parameters that may hold a file path (rebased, hashed)
     cost: ClassVar[str] = ""  # in forwards (F) and backwards (B) per image, for docs/methods.md
+    # parameters the contract tests (tests/test_contracts.py) use instead of the defaults, for
+    # methods whose paper defaults (thousands of forwards) are too slow to run there many times
+    contract_params: ClassVar[dict[str, object]] = {}
 
     def bind(self, ctx: Context) -> BoundMethod:
         return type(self).bound(self, ctx)

@@ -66,8 +66,9 @@ def clean_forward(model, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tens
 # Occlusion
 # --------------------------------------------------------------------------------------------
 def patch_starts(n: int, window: int, stride: int) -> list[int]:
-    """Captum's positions along one axis: 0, stride, ... while the window fits."""
-    return list(range(0, n - window + 1, stride))
+    """Captum's positions along one axis: 0, stride, ..., ceil((n - window) / stride) + 1 of them;
+    the last window may stick out of the image (it is clipped), so every pixel is covered."""
+    return [k * stride for k in range(math.ceil((n - window) / stride) + 1)]
 
 
 class BoundOcclusion(BoundMethod):
@@ -107,7 +108,7 @@ class BoundOcclusion(BoundMethod):
 
         self.ctx.chunker.map(self.loop("occlusion"), b_sz * len(pos), s.internal_batch, step, x.device)
         count = masks(torch.arange(len(pos), device=x.device)).sum(0)[0].float()
-        return Result(acc / count.clamp(min=1), logits, tgt)  # pixels no patch covers: 0
+        return Result(acc / count, logits, tgt)  # every pixel is covered
 
 
 @register(
@@ -118,7 +119,9 @@ class BoundOcclusion(BoundMethod):
 class Occlusion(MethodSpec):
     window: int = 16  # patch side in pixels (clipped to the image)
     stride: int = 8
-    fill: Substrate = "mean"  # what the patch shows: mean (0 in normalised space, Captum's default), black, blur, uniform
+    fill: Substrate = (
+        "mean"  # what the patch shows: mean (0 in normalised space, Captum's default), black, blur, uniform
+    )
     objective: str = "logit"
     blur_sigma: float = 10.0  # pixels, for fill: blur
     seed: int = 0  # for fill: uniform

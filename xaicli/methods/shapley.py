@@ -58,7 +58,7 @@ def slic_segments(img: np.ndarray, n: int, compactness: float) -> Tensor:
         from skimage.segmentation import slic
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise MethodError(
-            "kernelshap: segments 'slic' needs scikit-image (pip install 'xaicli[shap]'); or use segments: grid"
+            "kernelshap: segments 'slic' needs scikit-image (pip install scikit-image); or use segments: grid"
         ) from e
     lab = slic(img, n_segments=n, compactness=compactness, start_label=0, channel_axis=-1)
     if n > 1 and lab.max() == 0:  # noise-like images: enforcing connectivity merges every fragment
@@ -132,7 +132,7 @@ class BoundKernelShap(BoundMethod):
                 import skimage.segmentation  # noqa: F401
             except ImportError as e:
                 raise MethodError(
-                    "kernelshap: segments 'slic' needs scikit-image (pip install 'xaicli[shap]'); or use segments: grid"
+                    "kernelshap: segments 'slic' needs scikit-image (pip install scikit-image); or use segments: grid"
                 ) from e
 
     def segment(self, x: Tensor) -> Tensor:
@@ -179,7 +179,7 @@ class BoundKernelShap(BoundMethod):
         self.ctx.chunker.map(self.loop("kernelshap"), len(owner), s.internal_batch, step, x.device)
         y = y.cpu()
         maps, gaps, start = [], [], 0
-        for b, (m, z, wts) in enumerate(plans):
+        for b, (_m, z, wts) in enumerate(plans):
             delta = float(f_x[b] - f_b[b])
             phi = solve_shapley(z, wts, y[start : start + len(z)] - f_b[b], delta)
             start += len(z)

@@ -107,8 +107,11 @@ class BoundOcclusion(BoundMethod):
             acc.index_add_(0, b, diff.view(-1, 1, 1) * m[:, 0].float())
 
         self.ctx.chunker.map(self.loop("occlusion"), b_sz * len(pos), s.internal_batch, step, x.device)
-        count = masks(torch.arange(len(pos), device=x.device)).sum(0)[0].float()
-        return Result(acc / count, logits, tgt)  # every pixel is covered
+        # patches covering each pixel: (covering rows) x (covering columns); >= 1 everywhere
+        r0, c0 = torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)
+        n_r = ((ar_h[:, None] >= r0) & (ar_h[:, None] < r0 + wh)).sum(1)
+        n_c = ((ar_w[:, None] >= c0) & (ar_w[:, None] < c0 + ww)).sum(1)
+        return Result(acc / (n_r[:, None] * n_c[None, :]).float(), logits, tgt)
 
 
 @register(

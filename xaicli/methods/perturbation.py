@@ -244,7 +244,11 @@ class BoundMeaningful(BoundMethod):
 
         def upsample(m: Tensor) -> Tensor:
             up = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            return gaussian_blur(up, s.mask_blur * scale).clamp(0, 1) if s.mask_blur > 0 else up
+            if s.mask_blur > 0:
+                up = gaussian_blur(up, s.mask_blur * scale)
+            # clamp to [0, 1] against rounding without a zero gradient: the blurred all-ones
+            # initial mask is 1 + 1e-7 in places, where a plain clamp would freeze it forever
+            return up + (up.clamp(0, 1) - up).detach()
 
         def optimise(idx: Tensor) -> None:
             xb, nb, tb = x[idx], null[idx], tgt[idx]

@@ -35,6 +35,13 @@ from xaicli.models import load_model  # noqa: E402
 BENCH_PARAMS = {
     "integrated_gradients": {"n_steps": 32, "internal_batch": 128},  # Captum: internal_batch_size 128
     "smoothgrad": {"n_samples": 16},
+    # perturbation/Shapley methods: paper defaults cost thousands of forwards per image; these
+    # settings keep a CPU benchmark short (the rows name them; docs/methods.md gives the costs)
+    "occlusion": {"window": 32, "stride": 16},  # 13 x 13 = 169 positions
+    "rise": {"n_masks": 500},
+    "kernelshap": {"n_samples": 500},
+    "gradientshap": {"n_samples": 16},
+    "meaningful_perturbation": {"iterations": 50},
 }
 # the LRP family is timed next to saliency (F + B) by default
 LRP_METHODS = ("saliency", "lrp", "clrp", "sglrp", "relevance_cam")

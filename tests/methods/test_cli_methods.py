@@ -58,3 +58,59 @@ def test_explain_with_new_methods_from_a_config(samples_copy, tmp_path):
         m = np.load(out / r["method"] / f"{r['image']}.npy")
         assert m.shape == (224, 224) and np.isfinite(m).all() and m.max() > m.min()
         assert (out / r["method"] / f"{r['image']}.png").is_file()
+
+
+@pytest.mark.slow
+def test_perturbation_and_shapley_methods_from_the_cli(samples_copy, tmp_path):
+    """Each perturbation/Shapley method runs from the CLI on sample images with small settings
+    and writes its declared CSV extras."""
+    for p in samples_copy.iterdir():
+        if p.name not in ("chelsea.png", "coffee.png"):
+            p.unlink()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "methods:\n"
+        "  - {name: occlusion, window: 56, stride: 56}\n"
+        "  - {name: rise, n_masks: 16, internal_batch: 16}\n"
+        "  - {name: kernelshap, n_segments: 16, n_samples: 24, internal_batch: 24}\n"
+        "  - {name: gradientshap, n_samples: 2}\n"
+        "  - {name: meaningful_perturbation, iterations: 2}\n"
+    )
+    out = tmp_path / "out"
+    r = run_xai("explain", "--config", cfg, samples_copy, "--out", out, "-b", "2", "--workers", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    table = rows(out / "explanations.csv")
+    names = {"occlusion", "rise", "kernelshap", "gradientshap", "meaningful_perturbation"}
+    assert {r["method"] for r in table} == names and len(table) == 10
+    for r in table:
+        assert r["status"] == "ok", r
+        assert (r["efficiency_gap"] != "") == (r["method"] in ("kernelshap", "gradientshap"))
+        assert (r["mp_area"] != "") == (r["method"] == "meaningful_perturbation")
+        m = np.load(out / r["method"] / f"{r['image']}.npy")
+        assert m.shape == (224, 224) and np.isfinite(m).all()
+        assert (out / r["method"] / f"{r['image']}.png").is_file()
+    assert all(abs(float(r["efficiency_gap"])) < 1e-3 for r in table if r["method"] == "kernelshap")
+
+
+def test_perturbation_config_is_valid():
+    from pathlib import Path
+
+    from xaicli.config import build_config
+
+    cfg = build_config(Path(__file__).resolve().parents[2] / "configs" / "perturbation.yaml")
+    assert [spec.name for _, spec in cfg.specs()] == ["occlusion", "rise", "kernelshap", "gradientshap"]
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ("{name: rise, p: 2}", "p must be in (0, 1]"),
+        ("{name: occlusion, window: 0}", "window, stride and internal_batch must be >= 1"),
+        ("{name: gradientshap, baseline: no_such_folder/}", "neither one of"),
+    ],
+)
+def test_bad_perturbation_parameter_is_one_line_exit_2(tmp_path, entry, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"methods:\n  - {entry}\n")
+    r = run_xai("explain", "--config", cfg, tmp_path, "--out", tmp_path / "o", "--quiet")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

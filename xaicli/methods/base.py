@@ -161,6 +161,9 @@ class MethodSpec:
     # how its overlay is scaled (ops.MAP_KINDS): "positive" (min-max, CAM-like), "magnitude"
     # (gradient magnitudes: percentile-clipped), "signed" (diverging colormap centred at zero)
     map_kind: ClassVar[str] = "positive"
+    # parameters the contract tests (tests/test_contracts.py) use instead of the defaults, for
+    # methods whose paper defaults (thousands of forwards) are too slow to run there many times
+    contract_params: ClassVar[dict[str, object]] = {}
 
     def bind(self, ctx: Context) -> BoundMethod:
         return type(self).bound(self, ctx)

@@ -267,6 +267,19 @@ def test_canonized_copy_resnet18():
 
 
 @pytest.mark.slow
+def test_resnet50_bottlenecks_canonized_and_zennit_agreement():
+    """ResNet-50 (Bottleneck blocks): the canonized copy gives the model's logits, and lrp agrees with
+    Zennit used directly."""
+    from zennit.torchvision import ResNetCanonizer
+
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet50(weights=None, num_classes=10))
+    net = check_canonized_copy(model, 64)
+    assert hasattr(net.layer1[0], "canonizer_sum")
+    check_zennit_agreement(model, ResNetCanonizer(), 64)
+
+
+@pytest.mark.slow
 def test_canonized_copy_vgg16_bn():
     torch.manual_seed(0)
     check_canonized_copy(randomize_bn(torchvision.models.vgg16_bn(weights=None, num_classes=10)), 64)

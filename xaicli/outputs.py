@@ -294,26 +294,20 @@ def read_csv_report(path: Path, required: tuple[str, ...] | list[str] = ()) -> t
         raise damaged(path, "not a regular file")
     rows: list[dict] = []
     dropped = 0
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        reader = csv.reader(f)
-        header = None
-        while True:
-            try:
-                rec = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:
-                dropped += 1
-                if header is None:
-                    header = []  # an unreadable header: every row is unusable
-                continue
+    header = None
+    for rec in csv_records(path):
+        if rec is None:  # a line the csv module cannot read
+            dropped += 1
             if header is None:
-                header = rec
-                continue
-            if len(rec) != len(header) or "\0" in "".join(rec):
-                dropped += 1
-                continue
-            rows.append(dict(zip(header, rec, strict=True)))
+                header = []  # an unreadable header: every row is unusable
+            continue
+        if header is None:
+            header = rec
+            continue
+        if len(rec) != len(header) or "\0" in "".join(rec):
+            dropped += 1
+            continue
+        rows.append(dict(zip(header, rec, strict=True)))
     if header is None:
         return [], dropped
     missing = [c for c in required if c not in header]
@@ -321,6 +315,20 @@ def read_csv_report(path: Path, required: tuple[str, ...] | list[str] = ()) -> t
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise damaged(path, f"its header lacks the column(s) {shown}" if missing else "duplicate columns")
     return rows, dropped
+
+
+def csv_records(path: Path):
+    """The raw records of a CSV, one list of fields per line; None for a line the csv module
+    cannot read (over its field limit, a broken quote): the caller decides what a bad line means."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        while True:
+            try:
+                yield next(reader)
+            except StopIteration:
+                return
+            except csv.Error:
+                yield None
 
 
 def read_csv(path: Path, required: tuple[str, ...] | list[str] = ()) -> list[dict]:

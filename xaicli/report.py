@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .images import load_image
-from .outputs import atomic_write_bytes, font_of, save_png
+from .outputs import CORE_FIELDS, atomic_write_bytes, font_of, save_png
 from .reader import RunFolder
 from .sinks import caption_of, summarize
 
@@ -205,23 +205,7 @@ def _rows_for_js(run: RunFolder, rdir: Path, latest: dict, metrics: dict, counts
     return out
 
 
-_CORE = {
-    "image",
-    "method",
-    "target_class",
-    "target_label",
-    "target_prob",
-    "top1_class",
-    "top1_label",
-    "top1_prob",
-    "seconds",
-    "map_min",
-    "map_max",
-    "status",
-    "path",
-    "size",
-    "mtime_ns",
-}
+_CORE = set(CORE_FIELDS)  # explanations.csv columns that are not a method's declared extras
 
 
 def write_report(out: str | Path, sheets: bool = True) -> ReportSummary:

@@ -32,6 +32,7 @@ from .outputs import (
     READ_FIELDS,
     TMP_PREFIX,
     csv_header,
+    csv_records,
     damaged,
     map_paths,
     method_keys,
@@ -237,20 +238,11 @@ def set_aside(out: Path, name: str) -> Path:
 def _salvage_csv(path: Path, fields: list[str]) -> int:
     """Rewrite a CSV whose header is damaged with `fields`, keeping the lines that have exactly
     those fields (the original goes to OUT/.xai-damaged/). Returns the number of rows kept."""
-    import csv
-
-    kept = []
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        reader = csv.reader(f)
-        while True:
-            try:
-                rec = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:
-                continue
-            if len(rec) == len(fields) and rec != fields and "\0" not in "".join(rec):
-                kept.append(dict(zip(fields, rec, strict=True)))
+    kept = [
+        dict(zip(fields, rec, strict=True))
+        for rec in csv_records(path)
+        if rec is not None and len(rec) == len(fields) and rec != fields and "\0" not in "".join(rec)
+    ]
     set_aside(path.parent, path.name)
     write_csv(path, fields, kept)
     return len(kept)

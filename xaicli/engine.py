@@ -180,7 +180,9 @@ class Engine:
             status = "interrupted"
             raise
         finally:
-            for s in self.sinks:
+            # in reverse: the map sink (last) flushes explanations.csv before the metric sink's
+            # summaries read it; consume() runs in order, so metric rows reach disk first
+            for s in reversed(self.sinks):
                 s.close(status)
             if self.progress:
                 self.progress.stop()

@@ -120,7 +120,10 @@ class BoundMethod:
         self.setup()
 
     def setup(self) -> None:
-        """Resolve what depends on the model (layer, head, ...); runs once, at bind time."""
+        """Resolve what depends on the model (layer, head, ...); runs once, at bind time. The
+        default resolves the spec's `objective` field, when it has one, into `self.objective`."""
+        if isinstance(getattr(self.spec, "objective", None), str):
+            self.objective = objective_of(self.spec.objective)
 
     def compute(self, x: Tensor, target: Tensor | None) -> Result:
         raise NotImplementedError

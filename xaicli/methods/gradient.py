@@ -32,7 +32,6 @@ from .base import (
     build_method,
     check_objective_field,
     check_target,
-    objective_of,
     register,
     select_target,
 )
@@ -42,9 +41,6 @@ class BoundGradient(BoundMethod):
     """One forward and one backward: d objective / d x, reduced over channels by the spec."""
 
     guided = False
-
-    def setup(self) -> None:
-        self.objective = objective_of(self.spec.objective)
 
     def input_gradient(self, x: Tensor, target: Tensor | None, objective=None) -> tuple[Tensor, Tensor, Tensor]:
         """(d objective / d x [B,C,H,W], logits, target). `guided` gates every ReLU/ReLU6 backward."""
@@ -138,8 +134,8 @@ def quadrature(n: int, rule: str, device=None) -> tuple[Tensor, Tensor]:
 
 class BoundIG(BoundGradient):
     def setup(self) -> None:
+        super().setup()
         s = self.spec
-        self.objective = objective_of(s.objective)
         self.mean = s.mean or self.ctx.mean
         self.std = s.std or self.ctx.std
         self._image = None

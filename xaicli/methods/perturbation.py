@@ -36,7 +36,6 @@ from .base import (
     Result,
     check_objective_field,
     check_target,
-    objective_of,
     register,
     select_target,
 )
@@ -72,9 +71,6 @@ def patch_starts(n: int, window: int, stride: int) -> list[int]:
 
 
 class BoundOcclusion(BoundMethod):
-    def setup(self) -> None:
-        self.objective = objective_of(self.spec.objective)
-
     def compute(self, x: Tensor, target: Tensor | None) -> Result:
         s = self.spec
         x = x.detach()
@@ -144,9 +140,6 @@ class Occlusion(MethodSpec):
 # RISE
 # --------------------------------------------------------------------------------------------
 class BoundRise(BoundMethod):
-    def setup(self) -> None:
-        self.objective = objective_of(self.spec.objective)
-
     def grids(self, h: int, w: int):
         """(binary grids [N, s, s], shifts [N, 2], cell size): from the seed only, on the CPU."""
         s = self.spec
@@ -228,9 +221,6 @@ def total_variation(m: Tensor, beta: float) -> Tensor:
 
 
 class BoundMeaningful(BoundMethod):
-    def setup(self) -> None:
-        self.objective = objective_of(self.spec.objective)
-
     def compute(self, x: Tensor, target: Tensor | None) -> Result:
         s = self.spec
         x = x.detach()

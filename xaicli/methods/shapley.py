@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..errors import MethodError
 from ..ops import REFERENCES, cpu_generator
-from .base import BoundMethod, MethodSpec, Result, check_objective_field, objective_of, register
+from .base import BoundMethod, MethodSpec, Result, check_objective_field, register
 from .perturbation import Substrate, clean_forward, substrate
 
 GAP = {"efficiency_gap": "sum of the attributions - (f(x) - mean f(baseline)), signed (Shapley efficiency)"}
@@ -126,7 +126,7 @@ def solve_shapley(z: Tensor, w: Tensor, y: Tensor, delta: float) -> Tensor:
 
 class BoundKernelShap(BoundMethod):
     def setup(self) -> None:
-        self.objective = objective_of(self.spec.objective)
+        super().setup()
         if self.spec.segments == "slic":
             try:
                 import skimage.segmentation  # noqa: F401
@@ -222,8 +222,8 @@ class KernelShap(MethodSpec):
 # --------------------------------------------------------------------------------------------
 class BoundGradientShap(BoundMethod):
     def setup(self) -> None:
+        super().setup()
         s = self.spec
-        self.objective = objective_of(s.objective)
         self.images = None
         if s.baseline not in REFERENCES:
             self.images = self.load_folder(Path(s.baseline))

@@ -7,7 +7,7 @@ Layer 0: imports torch only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -160,12 +160,6 @@ def is_oom(e: BaseException) -> bool:
 def _free_cache(device) -> None:
     if getattr(device, "type", None) == "cuda":
         torch.cuda.empty_cache()
-
-
-def index_chunks(n: int, size: int, device=None) -> Iterator[Tensor]:
-    """Index tensors covering range(n) in consecutive chunks of at most `size`."""
-    for start in range(0, n, size):
-        yield torch.arange(start, min(n, start + size), device=device)
 
 
 class Chunker:

@@ -33,15 +33,11 @@ from ..objectives import RELEVANCE
 from ..ops import upsample
 from .base import BoundMethod, MethodSpec, Result, check_target, register, select_target
 
-COMPOSITES = (
-    "epsilon_gamma_box",
-    "epsilon_plus_flat",
-    "epsilon_alpha2_beta1_flat",
-    "epsilon_plus",
-    "epsilon",
-    "zplus",
-)
-FIRST_RULES = ("box", "flat", "wsquare", "zplus", "epsilon")
+Composite = Literal[
+    "epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1_flat", "epsilon_plus", "epsilon", "zplus"
+]
+FirstRule = Literal["box", "flat", "wsquare", "zplus", "epsilon"]
+Initial = Literal["logit", "clrp", "sglrp"]  # the initial relevances of objectives.RELEVANCE
 
 
 def box_bounds(x: Tensor, mean, std) -> tuple[Tensor, Tensor]:
@@ -155,17 +151,15 @@ class LRP(MethodSpec):
     the layer's relevance summed over channels, upsampled). `conservation_gap` = sum of the map's
     relevance - sum of the initial relevance (0 with zero biases and epsilon -> 0)."""
 
-    composite: Literal[
-        "epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1_flat", "epsilon_plus", "epsilon", "zplus"
-    ] = "epsilon_gamma_box"
-    objective: Literal["logit", "clrp", "sglrp"] = "logit"  # initial relevance (objectives.RELEVANCE)
+    composite: Composite = "epsilon_gamma_box"
+    objective: Initial = "logit"  # initial relevance (objectives.RELEVANCE)
     layer: str | None = None  # relevance at this layer instead of the input
     epsilon: float = 1e-6  # epsilon rule (dense layers; every layer in `epsilon`)
     gamma: float = 0.25  # gamma rule (convolutions in epsilon_gamma_box)
     alpha: float = 2.0  # alpha-beta rule (convolutions in epsilon_alpha2_beta1_flat); alpha - beta = 1
     beta: float = 1.0
     stabilizer: float = 1e-6  # added to denominators of the non-epsilon rules
-    first_rule: Literal["box", "flat", "wsquare", "zplus", "epsilon"] | None = None  # input layer override
+    first_rule: FirstRule | None = None  # input layer override
 
     bound = BoundLRP
     extras = {"conservation_gap": "sum of the relevance map - sum of the initial relevance (LRP conservation)"}
@@ -184,13 +178,13 @@ class LRP(MethodSpec):
 @register("clrp", "Contrastive LRP: initial relevance +1 at the target, -1/(C-1) at the others (sums to 0)")
 @dataclass
 class CLRP(LRP):
-    objective: Literal["logit", "clrp", "sglrp"] = "clrp"
+    objective: Initial = "clrp"
 
 
 @register("sglrp", "Softmax-gradient LRP (Iwana 2019): y_t(1-y_t) at the target, -y_t y_i at the others")
 @dataclass
 class SGLRP(LRP):
-    objective: Literal["logit", "clrp", "sglrp"] = "sglrp"
+    objective: Initial = "sglrp"
 
 
 class BoundRelevanceCAM(BoundLRP):
@@ -215,10 +209,8 @@ class RelevanceCAM(LRP):
     bilinearly like every CAM. Works at shallow layers (ResNet `layer2`), where Grad-CAM's
     gradients lose class discrimination."""
 
-    composite: Literal[
-        "epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1_flat", "epsilon_plus", "epsilon", "zplus"
-    ] = "zplus"
-    objective: Literal["logit", "clrp", "sglrp"] = "clrp"
+    composite: Composite = "zplus"
+    objective: Initial = "clrp"
     relu: bool = True  # ReLU of the map (the reference code shows it without)
 
     bound = BoundRelevanceCAM

@@ -6,7 +6,8 @@ For each concept c, layer l and random set R_i (i = 1..N):
             stratified held-out split is recorded
     S_k(x) = grad_{f_l} logit_k(x) . v          (conceptual sensitivity; objectives.logit)
     TCAV score = |{x in class-k images : S_k(x) > 0}| / |class-k images|
-The null distribution: CAVs of a reference random set R_0 against R_i (random-vs-random). The
+The null distribution: CAVs of random set R_{i-1} against R_i (random-vs-random; a single fixed
+reference set R_0 would make the N null CAVs share R_0's quirks and their scores agree). The
 N concept scores and the N random scores go to a two-sided t-test (scipy.stats.ttest_ind);
 the p-value is Bonferroni-corrected over every (concept, layer, class) tested, and a concept
 with corrected p >= alpha is marked `significant = false` (still written, never hidden).
@@ -108,9 +109,13 @@ def positive_share(grads: Tensor, cavs: Tensor) -> Tensor:
 def t_test(concept: list[float], random: list[float]) -> float:
     """Two-sided p-value of Student's t-test of the concept's scores against random-vs-random's;
     1.0 when both are constant and equal (no evidence either way)."""
+    import warnings
+
     from scipy import stats
 
-    p = float(stats.ttest_ind(concept, random).pvalue)
+    with warnings.catch_warnings():  # constant samples (all 1.0): scipy warns, the p-value is still right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(concept, random).pvalue)
     return 1.0 if math.isnan(p) else p
 
 
@@ -131,7 +136,7 @@ class TcavSummary:
 
 
 def _random_sets(t, loader: Loader, layers, acts_of, seed: int) -> list[dict[str, Tensor]]:
-    """[R_0, R_1, ..., R_N]: {layer: [n, D]} per set; R_0 is the random-vs-random reference."""
+    """[R_0, R_1, ..., R_N]: {layer: [n, D]} per set (concepts use R_1..R_N; random-vs-random R_{i-1} vs R_i)."""
     r = t.random
     if r.folders is not None:
         return [acts_of(f"random_{i}", set_items(f"random.folders[{i}]", f)) for i, f in enumerate(r.folders)]
@@ -149,15 +154,16 @@ def _random_sets(t, loader: Loader, layers, acts_of, seed: int) -> list[dict[str
     return sets
 
 
-def run_tcav(cfg: ConceptsConfig, progress=None, wait: bool = False) -> TcavSummary:
-    """`xai concepts tcav`: OUT/concepts/tcav.csv, tcav_runs.csv, cavs.safetensors, tcav.png."""
+def run_tcav(cfg: ConceptsConfig, progress=None, wait: bool = False, lm=None) -> TcavSummary:
+    """`xai concepts tcav`: OUT/concepts/tcav.csv, tcav_runs.csv, cavs.safetensors, tcav.png.
+    `progress(what)` makes a progress reporter; `lm` (a LoadedModel) replaces cfg.model."""
     t0 = time.perf_counter()
     t = cfg.tcav
     out = cfg.concepts_dir
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out, wait=wait):
         device = resolve_device(cfg.device)
-        lm = load_model_cfg(cfg.model, device)
+        lm = lm or load_model_cfg(cfg.model, device)
         model = lm.model.eval()
         adapter = ModelAdapter(model, lm.preprocess.input_size)
         layers = check_layers(adapter, t.layers)
@@ -225,9 +231,10 @@ def _train_all(t, layers, concept_acts, randoms, device, progress):
     try:
         for layer in layers:
             for name in names:
-                pos = (randoms[0] if name == RANDOM else concept_acts[name])[layer].to(device)
                 vs, acc = [], []
                 for i in range(1, len(randoms)):
+                    # random-vs-random: R_{i-1} against R_i, so that both sides change from run to run
+                    pos = (randoms[i - 1] if name == RANDOM else concept_acts[name])[layer].to(device)
                     cav = train_cav(pos, randoms[i][layer].to(device), t.test_fraction, t.l2, t.steps, t.seed + i)
                     vs.append(cav.vector)
                     acc.append(cav.accuracy)

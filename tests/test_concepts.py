@@ -103,6 +103,7 @@ def tcav_cfg(d: Path, out: Path, **tcav) -> ConceptsConfig:
         "layers": ["feat"],
         "classes": {"0": str(d / "test")},
         "l2": 0.1,
+        "steps": 30,
         **tcav,
     }
     return ConceptsConfig.model_validate({"output": str(out), "device": "cpu", "batch_size": 8, "tcav": t})

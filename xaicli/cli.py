@@ -449,10 +449,7 @@ def concepts_tcav(
 ):
     """TCAV: is a concept (example images) significant for a class at a layer?
 
-    Trains a linear CAV per (concept, layer, random set) on the device, scores the share of the
-    class's images whose logit grows along it, and tests the scores against random-vs-random CAVs
-    (two-sided t-test, Bonferroni). Writes OUT/concepts/tcav.csv, tcav_runs.csv, cavs.safetensors,
-    tcav.png; unreadable images go to OUT/concepts/errors.csv.
+    Trains a linear CAV per (concept, layer, random set) on the device, scores the share of the class's images whose logit grows along it, and tests the scores against random-vs-random CAVs (two-sided t-test, Bonferroni). Writes OUT/concepts/tcav.csv, tcav_runs.csv, cavs.safetensors, tcav.png; unreadable images go to OUT/concepts/errors.csv. Walkthrough: docs/concepts.md.
 
     Example: xai concepts tcav --config configs/concepts.yaml
     """
@@ -497,10 +494,7 @@ def concepts_extract(
 ):
     """CRAFT-style concept extraction for one class: K concepts, their importance, where they are.
 
-    Crops the class's images at a few scales, factorises their activations at a layer with NMF,
-    ranks the concepts by gradient x coefficient, and writes OUT/concepts/concepts.csv, atlas.png
-    and concepts.safetensors (reused when run again with the same settings); then K concept maps
-    per image in OUT/concept_maps/ (an `xai explain` run with the `concept_maps` method).
+    Crops the class's images at a few scales, factorises their activations at a layer with NMF, ranks the concepts by gradient x coefficient, and writes OUT/concepts/concepts.csv, atlas.png and concepts.safetensors (reused when run again with the same settings); then K concept maps per image in OUT/concept_maps/ (an `xai explain` run with the `concept_maps` method). Walkthrough: docs/concepts.md.
 
     Example: xai concepts extract --config configs/concepts.yaml
     """

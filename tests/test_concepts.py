@@ -243,7 +243,9 @@ def two_textures(size=32, left="vertical") -> np.ndarray:
     i = np.arange(size)
     vert = np.tile((i // 2 % 2)[None, :], (size, 1))  # varies along x: vertical stripes
     hori = vert.T
-    img = np.where(np.arange(size)[None, :] < size // 2, vert if left == "vertical" else hori, hori if left == "vertical" else vert)
+    img = np.where(
+        np.arange(size)[None, :] < size // 2, vert if left == "vertical" else hori, hori if left == "vertical" else vert
+    )
     return np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
@@ -266,7 +268,9 @@ def test_extract_and_concept_maps_find_two_textures(tmp_path):
     assert w[vertical, 0] > 0.95 and w[1 - vertical, 1] > 0.95
     # importance for class 0 (logit = mean |d/dx|): the vertical-stripe concept ranks first
     by_rank = {int(r["rank"]): r for r in res.rows}
-    assert int(by_rank[1]["concept"]) == vertical and float(by_rank[2]["importance"]) < 0.1 * float(by_rank[1]["importance"])
+    assert int(by_rank[1]["concept"]) == vertical and float(by_rank[2]["importance"]) < 0.1 * float(
+        by_rank[1]["importance"]
+    )
     assert (out / "concepts" / "atlas.png").is_file()
     # concept maps on a new image: each concept sits on its own texture
     from xaicli.methods import build_method, make_context
@@ -361,7 +365,12 @@ def test_cli_tcav_extract_explain_report(tmp_path):
     doc = json.loads(r.stdout)
     assert doc["rows"][0]["concept"] == "striped" and doc["rows"][0]["random_sets"] == 3
     out = tmp_path / "out"
-    assert {p.name for p in (out / "concepts").iterdir()} >= {"tcav.csv", "tcav_runs.csv", "cavs.safetensors", "tcav.png"}
+    assert {p.name for p in (out / "concepts").iterdir()} >= {
+        "tcav.csv",
+        "tcav_runs.csv",
+        "cavs.safetensors",
+        "tcav.png",
+    }
     r = run_xai("concepts", "extract", "--config", cfg, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "concept maps" in r.stdout

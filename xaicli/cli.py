@@ -422,8 +422,7 @@ concepts_app = typer.Typer(
     "[bold]extract[/]: which concepts drive one class, and where are they? Crops of its images, NMF of "
     "their activations into K concepts, each concept's importance (gradient x coefficient): "
     "concepts.csv, atlas.png, concepts.safetensors, and K concept maps per image "
-    "(OUT/concept_maps/, reusable with `xai explain -m concept_maps --concepts OUT/concepts/`).\n\n"
-    + EXIT_CODES_HELP,
+    "(OUT/concept_maps/, reusable with `xai explain -m concept_maps --concepts OUT/concepts/`).\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
@@ -513,7 +512,11 @@ def concepts_extract(
                      "rows": res.rows, "files": {k: str(v) for k, v in res.files.items()},
                      "maps": None if res.maps is None else {"done": res.maps.done, "up_to_date": res.maps.skipped}})  # fmt: skip
     elif not quiet:
-        how = "reused (same settings; --force refits)" if res.reused else f"{res.crops} crops, relative error {res.error:.3f}"
+        how = (
+            "reused (same settings; --force refits)"
+            if res.reused
+            else f"{res.crops} crops, relative error {res.error:.3f}"
+        )
         t = Table(title=f"concepts ({res.out / 'concepts.csv'}; fit: {how})", title_justify="left")
         for col in ("rank", "concept", "importance", "share", "dominant crops"):
             t.add_column(col, justify="right")

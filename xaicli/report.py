@@ -358,14 +358,26 @@ def _concepts_section(out: Path, rdir: Path) -> str:
             for r in read_csv(cdir / "tcav.csv", ("concept", "layer", "class", "score_mean", "significant"))
         ]  # fmt: skip
         parts.append(
-            '<h3>TCAV</h3><p class="note">Share of the class\'s images whose logit grows along the concept\'s CAV '
+            "<h3>TCAV</h3><p class=\"note\">Share of the class's images whose logit grows along the concept's CAV "
             "(mean ± std over random sets), against random-vs-random CAVs; significant: Bonferroni-corrected "
             f'two-sided t-test. <a href="{html.escape(_rel(cdir / "tcav.csv", rdir))}">tcav.csv</a></p>'
         )
-        head = ["concept", "layer", "class", "TCAV score", "random", "p (Bonferroni)", "significant", "CAV acc.", "sets"]
+        head = [
+            "concept",
+            "layer",
+            "class",
+            "TCAV score",
+            "random",
+            "p (Bonferroni)",
+            "significant",
+            "CAV acc.",
+            "sets",
+        ]
         parts.append(_table(head, rows, "tcav"))
         if (cdir / "tcav.png").is_file():
-            parts.append(f'<div><img class="atlas" src="{html.escape(_rel(cdir / "tcav.png", rdir))}" alt="TCAV"></div>')
+            parts.append(
+                f'<div><img class="atlas" src="{html.escape(_rel(cdir / "tcav.png", rdir))}" alt="TCAV"></div>'
+            )
     if (cdir / "concepts.csv").is_file():
         rows = [
             [r["rank"], r["concept"], f"{_num(r['importance']) or 0:.4g}", r["importance_share"], r["dominant_crops"]]
@@ -378,7 +390,9 @@ def _concepts_section(out: Path, rdir: Path) -> str:
         )
         parts.append(_table(["rank", "concept", "importance", "share", "dominant crops"], rows, "concepts"))
         if (cdir / "atlas.png").is_file():
-            parts.append(f'<div><img class="atlas" src="{html.escape(_rel(cdir / "atlas.png", rdir))}" alt="atlas"></div>')
+            parts.append(
+                f'<div><img class="atlas" src="{html.escape(_rel(cdir / "atlas.png", rdir))}" alt="atlas"></div>'
+            )
     return f'<section id="concepts-sec"><h2>Concepts</h2>{"".join(parts)}</section>' if parts else ""
 
 

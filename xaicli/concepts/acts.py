@@ -53,7 +53,10 @@ class Loader:
             if batch.failures:
                 self.failed += len(batch.failures)
                 self.errors.append(
-                    [{"image": f"{name}/{items[i].rel}", "path": str(items[i].path), "reason": r} for i, r in batch.failures]
+                    [
+                        {"image": f"{name}/{items[i].rel}", "path": str(items[i].path), "reason": r}
+                        for i, r in batch.failures
+                    ]
                 )
             if progress is not None:
                 progress.advance(len(batch.indices) + len(batch.failures))

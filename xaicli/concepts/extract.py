@@ -41,7 +41,15 @@ from .acts import Loader, layer_gradients, resolve_class, set_items
 from .config import ConceptsConfig
 from .tcav import reset_errors
 
-CONCEPT_FIELDS = ["concept", "rank", "importance", "importance_share", "mean_coefficient", "dominant_crops", "top_crops"]
+CONCEPT_FIELDS = [
+    "concept",
+    "rank",
+    "importance",
+    "importance_share",
+    "mean_coefficient",
+    "dominant_crops",
+    "top_crops",
+]
 
 
 @dataclass

@@ -286,8 +286,14 @@ def _score(t, lm, layers, classes, concepts, cavs, accs, signs, n_random):
             for name in [*concepts, RANDOM]:
                 for i, s in enumerate(by[name]):
                     runs.append(
-                        {"concept": name, "layer": layer, "class": k, "random_set": i + 1, "score": f"{s:.6g}",
-                         "cav_accuracy": f"{accs[(name, layer)][i]:.6g}"}  # fmt: skip
+                        {
+                            "concept": name,
+                            "layer": layer,
+                            "class": k,
+                            "random_set": i + 1,
+                            "score": f"{s:.6g}",
+                            "cav_accuracy": f"{accs[(name, layer)][i]:.6g}",
+                        }  # fmt: skip
                     )
             for c in concepts:
                 sc, acc = torch.tensor(by[c]), torch.tensor(accs[(c, layer)])

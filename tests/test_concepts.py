@@ -286,6 +286,11 @@ def test_extract_and_concept_maps_find_two_textures(tmp_path):
     # resume: the same settings reuse the fit
     again = run_extract(cfg, lm=lm, maps=False)
     assert again.reused and [r["concept"] for r in again.rows] == [str(r["concept"]) for r in res.rows]
+    # CRAFT's Sobol total indices: logit_0 is linear in the vertical concept's mask alone
+    cfg.output = str(tmp_path / "sobol")
+    cfg.extract.importance, cfg.extract.sobol_designs = "sobol", 32
+    sob = {int(r["concept"]): float(r["importance"]) for r in run_extract(cfg, lm=lm, maps=False).rows}
+    assert sob[vertical] > 0.9 and sob[1 - vertical] < 0.02, sob  # estimates of 1 and 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,3 +414,24 @@ def test_concepts_help_explains_both_commands():
     assert r.returncode == 0
     assert "tcav" in r.stdout and "extract" in r.stdout and "random-vs-random" in r.stdout
     assert "concept_maps" in r.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tcav_and_extract_on_cuda_match_cpu(synthetic_sets, tmp_path):
+    cpu = run_tcav(tcav_cfg(synthetic_sets, tmp_path / "cpu"), lm=tiny_lm(LinearOnFeat()))
+    cfg = tcav_cfg(synthetic_sets, tmp_path / "gpu")
+    cfg.device = "cuda"
+    gpu = run_tcav(cfg, lm=tiny_lm(LinearOnFeat().cuda()))
+    for a, b in zip(cpu.rows, gpu.rows, strict=True):
+        assert a["concept"] == b["concept"] and abs(float(a["score_mean"]) - float(b["score_mean"])) <= 0.05
+    imgs = tmp_path / "textures"
+    imgs.mkdir()
+    for i, left in enumerate(["vertical", "horizontal"] * 2):
+        Image.fromarray(two_textures(left=left)).save(imgs / f"t{i}.png")
+    ext = ConceptsConfig.model_validate({
+        "output": str(tmp_path / "ext"), "device": "cuda",
+        "extract": {"class": 0, "images": str(imgs), "layer": "feat", "concepts": 2, "scales": [0.5]},
+    })  # fmt: skip
+    res = run_extract(ext, lm=tiny_lm(TextureNet().cuda(), 32), maps=False)
+    assert res.error < 0.05 and len(res.rows) == 2

@@ -420,7 +420,8 @@ concepts_app = typer.Typer(
     "a class? A linear CAV per (concept, layer, random set), TCAV scores, a t-test against "
     "random-vs-random CAVs, Bonferroni-corrected: tcav.csv, cavs.safetensors, tcav.png.\n\n"
     "[bold]extract[/]: which concepts drive one class, and where are they? Crops of its images, NMF of "
-    "their activations into K concepts, each concept's importance (gradient x coefficient): "
+    "their activations into K concepts, each concept's importance (gradient x coefficient, or CRAFT's "
+    "Sobol indices with `importance: sobol`): "
     "concepts.csv, atlas.png, concepts.safetensors, and K concept maps per image "
     "(OUT/concept_maps/, reusable with `xai explain -m concept_maps --concepts OUT/concepts/`).\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
@@ -493,7 +494,7 @@ def concepts_extract(
 ):
     """CRAFT-style concept extraction for one class: K concepts, their importance, where they are.
 
-    Crops the class's images at a few scales, factorises their activations at a layer with NMF, ranks the concepts by gradient x coefficient, and writes OUT/concepts/concepts.csv, atlas.png and concepts.safetensors (reused when run again with the same settings); then K concept maps per image in OUT/concept_maps/ (an `xai explain` run with the `concept_maps` method). Walkthrough: docs/concepts.md.
+    Crops the class's images at a few scales, factorises their activations at a layer with NMF, ranks the concepts by gradient x coefficient (or Sobol indices, `importance: sobol`), and writes OUT/concepts/concepts.csv, atlas.png and concepts.safetensors (reused when run again with the same settings); then K concept maps per image in OUT/concept_maps/ (an `xai explain` run with the `concept_maps` method). Walkthrough: docs/concepts.md.
 
     Example: xai concepts extract --config configs/concepts.yaml
     """

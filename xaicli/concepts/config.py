@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -81,8 +82,11 @@ class ExtractCfg(_Strict):
         default_factory=lambda: [0.5, 0.25], min_length=1, max_length=6, description="crop side / image side"
     )
     iters: int = Field(500, ge=10, le=100_000, strict=True, description="NMF multiplicative-update iterations")
+    importance: Literal["gradient", "sobol"] = Field(
+        "gradient", description="gradient x coefficient (1 backward per image) | sobol: CRAFT's total indices"
+    )
+    sobol_designs: int = Field(32, ge=4, le=4096, strict=True, description="Sobol base points N: N (K+2) forwards")
     atlas_crops: int = Field(6, ge=1, le=32, strict=True, description="crops per concept in the atlas")
-    max_images: int | None = Field(None, ge=1, le=1_000_000, strict=True)
     min_images: int = Field(2, ge=1, le=100_000, strict=True)
     seed: int = Field(0, ge=0, le=2**31 - 1, strict=True)
 

@@ -6,11 +6,13 @@
 2. Activations: the crops' activations at the layer, clamped at 0 and averaged over the layer's
    grid -> A [crops, C]; streamed batch by batch (only A is kept: crops x channels floats).
 3. NMF: A ~ U W with K concepts (W [K, C], rows = concept directions; nmf.nmf, torch).
-4. Importance, gradient x coefficient (not CRAFT's Sobol indices): on the class's whole images,
+4. Importance (`importance: gradient`, the default), gradient x coefficient: on the class's whole images,
    U = the NMF transform of the activations at every grid position with W fixed; importance_k =
    mean over images of sum over positions of u_k * d logit_class / d u_k, where
    d logit / d u = (d logit / d A) W^T (A ~ U W). A first-order estimate of how much of the class
-   logit concept k carries (positive: evidence for the class).
+   logit concept k carries (positive: evidence for the class). `importance: sobol` is CRAFT's:
+   Sobol total indices of masks over the concept coefficients (`sobol_importance`), in [0, 1]
+   per image, at N (K + 2) forward passes per image.
 5. Outputs in OUT/concepts/: concepts.safetensors (W and the layer: reused by a resumed run and
    by `concept_maps`), concepts.csv, atlas.png (each concept's most activating crops); then the
    concept maps of every image through the engine (`xai explain` with `concept_maps`):
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, MethodError
-from ..hooks import capture
+from ..hooks import capture, replace_output
 from ..locks import OutputLock
 from ..models.adapter import ModelAdapter
 from ..models.registry import load_model_cfg, resolve_device
@@ -105,6 +107,44 @@ def concept_importance(model, adapter, layer: str, x: Tensor, k: int, w: Tensor)
     return (u * (g @ w.to(g.device).T)).sum(dim=1)
 
 
+def sobol_importance(
+    model, adapter, layer: str, x: Tensor, k: int, w: Tensor, designs: int = 32, seed: int = 0, batch: int = 16
+) -> Tensor:
+    """[B, K] Sobol total indices of the concepts for class k's logit (CRAFT): per image, the
+    concept coefficients U (at every grid position, W fixed) are scaled by per-concept masks
+    m in [0, 1]^K from a scrambled Sobol sequence; the layer's output is replaced by (U * m) W
+    and the rest of the network gives f(m) = logit_k. Jansen's estimator over N = `designs`
+    base points (matrices A, B and A with column i from B: N (K + 2) forward passes per image):
+    ST_i = mean((f(A) - f(A_B^i))^2) / (2 Var f)."""
+    with capture(model, layer) as cap, torch.no_grad():
+        model(x)
+    act = cap.activation
+    if act is None or act.dim() != 4:
+        raise ConfigError(f"extract.importance: sobol needs a layer with [B, C, h, w] outputs; '{layer}' is not one")
+    b, c, h, wd = act.shape
+    kk = w.shape[0]
+    w = w.to(act.device, torch.float32)
+    eng = torch.quasirandom.SobolEngine(2 * kk, scramble=True, seed=seed)
+    ab = eng.draw(designs).to(act.device)
+    a_, b_ = ab[:, :kk], ab[:, kk:]
+    cols = [torch.where(torch.arange(kk, device=ab.device) == i, b_, a_) for i in range(kk)]
+    masks = torch.cat([a_, b_, *cols])  # [N (K + 2), K]
+    out = torch.zeros(b, kk, device=act.device)
+    for j in range(b):
+        u = nmf_transform(act[j].float().clamp(min=0).flatten(1).T, w)  # [hw, K]
+        f = []
+        for s in range(0, masks.shape[0], batch):
+            m = masks[s : s + batch]
+            pert = ((u[None] * m[:, None, :]) @ w).transpose(1, 2).reshape(len(m), c, h, wd).to(act.dtype)
+            with replace_output(model, layer, pert), torch.no_grad():
+                f.append(model(x[j : j + 1].expand(len(m), -1, -1, -1))[:, k].float())
+        f = torch.cat(f)
+        fa, fb, fc = f[:designs], f[designs : 2 * designs], f[2 * designs :].reshape(kk, designs)
+        var = torch.cat([fa, fb]).var()
+        out[j] = ((fa[None] - fc) ** 2).mean(dim=1) / (2 * var) if var > 0 else 0.0
+    return out
+
+
 def fit_key(cfg: ConceptsConfig, layer: str, k: int, items) -> str:
     """What decides the factorisation: model, layer, class, K, crops, NMF settings, the images."""
     e = cfg.extract
@@ -116,6 +156,7 @@ def fit_key(cfg: ConceptsConfig, layer: str, k: int, items) -> str:
         "scales": e.scales,
         "iters": e.iters,
         "seed": e.seed,
+        "importance": [e.importance, e.sobol_designs if e.importance == "sobol" else None],
         "images": [(it.rel, *_stat(it.path)) for it in items],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -188,9 +229,10 @@ def _fit(cfg, lm, model, adapter, layer, k, items, key, loader, progress, summar
         bar.start(len(items))
     try:
         for idx, x in loader.batches("extract", items, bar):
-            crops = crops_of(x, boxes)
-            for s in range(0, crops.shape[0], cfg.batch_size):
-                acts.append(pooled_activations(model, adapter, layer, crops[s : s + cfg.batch_size]).cpu())
+            for j in range(x.shape[0]):  # one image's crops at a time: memory ~ crops per image
+                crops = crops_of(x[j : j + 1], boxes)
+                for s in range(0, crops.shape[0], cfg.batch_size):
+                    acts.append(pooled_activations(model, adapter, layer, crops[s : s + cfg.batch_size]).cpu())
             where += [(i, b) for i in idx for b in range(len(boxes))]
     finally:
         if bar:
@@ -209,7 +251,10 @@ def _fit(cfg, lm, model, adapter, layer, k, items, key, loader, progress, summar
         bar.start(len(items))
     try:
         for _, x in loader.batches("extract", items, bar):
-            imp += concept_importance(model, adapter, layer, x, k, w).sum(dim=0)
+            if e.importance == "sobol":
+                imp += sobol_importance(model, adapter, layer, x, k, w, e.sobol_designs, e.seed, cfg.batch_size).sum(0)
+            else:
+                imp += concept_importance(model, adapter, layer, x, k, w).sum(dim=0)
             n += x.shape[0]
     finally:
         if bar:
@@ -244,7 +289,7 @@ def _fit(cfg, lm, model, adapter, layer, k, items, key, loader, progress, summar
         "model": cfg.model.name,
         "crops": int(a.shape[0]),
         "relative_error": summary.error,
-        "importance": "gradient x coefficient",
+        "importance": e.importance,
     }
     write_atlas(out / "atlas.png", lm, items, boxes, where, top, order, imp)
     write_csv(out / "concepts.csv", CONCEPT_FIELDS, rows)

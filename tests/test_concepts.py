@@ -254,6 +254,7 @@ def test_extract_and_concept_maps_find_two_textures(tmp_path):
     imgs.mkdir()
     for i, left in enumerate(["vertical", "horizontal"] * 3):
         Image.fromarray(two_textures(left=left)).save(imgs / f"t{i}.png")
+    (imgs / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     cfg = ConceptsConfig.model_validate({
         "output": str(out), "device": "cpu", "batch_size": 8,
@@ -261,6 +262,8 @@ def test_extract_and_concept_maps_find_two_textures(tmp_path):
     })  # fmt: skip
     lm = tiny_lm(TextureNet(), 32)
     res = run_extract(cfg, lm=lm, maps=False)
+    assert res.failed == 1  # read twice (crops, importance), one errors.csv row
+    assert [r["image"] for r in rows(out / "concepts" / "errors.csv")] == ["extract/broken"]
     w, meta = load_factorisation(out / "concepts")
     assert meta["layer"] == "feat" and w.shape == (2, 2)
     assert res.error < 0.05  # crops are pure textures: rank 2 explains them
@@ -278,7 +281,10 @@ def test_extract_and_concept_maps_find_two_textures(tmp_path):
     spec = build_method("concept_maps", concepts=str(out / "concepts"))
     assert spec.map_names == ("concept_0", "concept_1")
     x = torch.from_numpy(two_textures(left="vertical")).permute(2, 0, 1)[None].float() / 255
-    maps = spec.bind(make_context(lm))(x).maps[0]  # [2, 32, 32]
+    bound = spec.bind(make_context(lm))
+    maps = bound(x).maps[0]  # [2, 32, 32]
+    other = torch.from_numpy(two_textures(left="horizontal")).permute(2, 0, 1)[None].float() / 255
+    assert torch.allclose(bound(torch.cat([x, 0.5 * other])).maps[0], maps, atol=1e-5)  # batch-independent
     inner = slice(2, 14), slice(18, 30)  # away from the border and the seam
     left_v, right_v = maps[vertical][:, inner[0]].mean(), maps[vertical][:, inner[1]].mean()
     left_h, right_h = maps[1 - vertical][:, inner[0]].mean(), maps[1 - vertical][:, inner[1]].mean()

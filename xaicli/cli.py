@@ -505,7 +505,7 @@ def concepts_extract(
     with interruptible():
         res = run_extract(cfg, progress=None if as_json else _concept_progress(quiet), wait=wait, force=force,
                           maps=not no_maps)  # fmt: skip
-    failed = res.failed + (res.maps.failed if res.maps is not None else 0)
+    failed = max(res.failed, res.maps.failed if res.maps is not None else 0)  # the same files, read twice
     code = 1 if failed else 0
     if as_json:
         _print_json({"command": "concepts extract", "exit_code": code, "out": str(res.out), "reused": res.reused,

@@ -69,7 +69,8 @@ def nmf_transform(a: Tensor, w: Tensor, iters: int = 200) -> Tensor:
     k = w.shape[0]
     aw = a @ w.T  # [..., N, K]
     ww = w @ w.T  # [K, K]
-    u = torch.full((*a.shape[:-1], k), 1.0 / k, device=a.device) * (aw.mean() + EPS).sqrt()
+    # per row (one image position each), so a row's result never depends on the other rows
+    u = torch.full((*a.shape[:-1], k), 1.0 / k, device=a.device) * (aw.clamp(min=0).mean(-1, keepdim=True) + EPS).sqrt()
     for _ in range(iters):
         u = u * aw / (u @ ww + EPS)
     return u

@@ -43,21 +43,21 @@ class Loader:
         self.workers = workers
         self.max_pixels = max_pixels
         self.errors = CsvAppender(out / ERRORS, ERROR_FIELDS)
-        self.failed = 0
+        self._failed: set[str] = set()  # a file read twice (extract: crops, then importance) counts once
+
+    @property
+    def failed(self) -> int:
+        return len(self._failed)
 
     def batches(self, name: str, items: list[ImageItem], progress=None) -> Iterator[tuple[list[int], Tensor]]:
         """(indices into `items`, x [B, 3, H, W] on the device) for the readable images."""
         ds = ImageDataset(items, self.lm.preprocess, self.max_pixels)
         loader = make_loader(ds, self.batch_size, self.workers, pin_memory=self.device.type == "cuda")
         for batch in loader:
-            if batch.failures:
-                self.failed += len(batch.failures)
-                self.errors.append(
-                    [
-                        {"image": f"{name}/{items[i].rel}", "path": str(items[i].path), "reason": r}
-                        for i, r in batch.failures
-                    ]
-                )
+            new = [(f"{name}/{items[i].rel}", i, r) for i, r in batch.failures]
+            new = [(key, i, r) for key, i, r in new if key not in self._failed]
+            self._failed.update(key for key, _, _ in new)
+            self.errors.append([{"image": key, "path": str(items[i].path), "reason": r} for key, i, r in new])
             if progress is not None:
                 progress.advance(len(batch.indices) + len(batch.failures))
             if batch.x is not None:

@@ -192,7 +192,7 @@ def run_extract(cfg: ConceptsConfig, progress=None, wait: bool = False, force: b
             raise ConfigError(f"extract.images: {len(items)} image(s) in {e.images}; at least {e.min_images} needed")
         key = fit_key(cfg, layer, k, items)
         summary = ExtractSummary(out)
-        reset_errors(out, "extract:")
+        reset_errors(out, "extract/")
         loader = Loader(lm, device, cfg.batch_size, cfg.workers, cfg.max_pixels, out)
         if not force and _reusable(out, key):
             summary.reused = True

@@ -441,3 +441,12 @@ def test_tcav_and_extract_on_cuda_match_cpu(synthetic_sets, tmp_path):
     })  # fmt: skip
     res = run_extract(ext, lm=tiny_lm(TextureNet().cuda(), 32), maps=False)
     assert res.error < 0.05 and len(res.rows) == 2
+
+
+def test_concepts_flag_and_missing_factorisation_are_config_errors(tmp_path):
+    from xaicli.config import build_config
+
+    with pytest.raises(ConfigError, match="--concepts is for the concept_maps method"):
+        build_config(None, {"input": str(SAMPLES), "methods": "gradcam", "concepts": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"no factorisation at .*concepts.safetensors; run `xai concepts extract"):
+        build_config(None, {"input": str(SAMPLES), "methods": "concept_maps", "concepts": str(tmp_path / "nope")})

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= xai-out
 
-.PHONY: install demo test test-fast test-browser lint docs bench clean
+.PHONY: install demo concept-data concepts test test-fast test-browser lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ install: $(STAMP)  ## create .venv and install xaicli with test extras
 
 demo: $(STAMP)  ## explain sample_images/ with the embedded default model; the report is $(OUT)/report/index.html
 	$(BIN)/xai explain --config configs/demo.yaml --out $(OUT) --report
+
+concept-data: $(STAMP)  ## concept folders cut from sample_images/ (striped fur, ceramic, random, cat, coffee) in concept_data/
+	$(BIN)/python -m xaicli.concepts.sample_data concept_data
+
+concepts: concept-data  ## TCAV and concept extraction on them (configs/concepts.yaml); results in xai-out-concepts/concepts/
+	$(BIN)/xai concepts tcav --config configs/concepts.yaml
+	$(BIN)/xai concepts extract --config configs/concepts.yaml
 
 test: $(STAMP)  ## run the whole test suite (CPU; CUDA tests skip without a GPU)
 	$(BIN)/python -m pytest -q -rs

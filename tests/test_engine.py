@@ -281,7 +281,7 @@ def test_ctrl_c_during_evaluate_exits_130(one_image, tmp_path, monkeypatch, caps
 # structure: imports go downward only; the engine's functions stay short
 # --------------------------------------------------------------------------------------------
 LAYERS = [  # bottom to top, as drawn in docs/architecture.md
-    {"_version", "errors", "ops", "hooks", "images", "objectives", "locks", "registry", "progress"},
+    {"_version", "errors", "ops", "hooks", "images", "objectives", "locks", "registry", "progress", "nmf"},
     {"models"},
     {"outputs", "data"},
     {"methods"},
@@ -290,7 +290,7 @@ LAYERS = [  # bottom to top, as drawn in docs/architecture.md
     {"state"},
     {"engine", "reader"},
     {"sinks"},
-    {"explain_run", "evaluate", "report"},
+    {"explain_run", "evaluate", "report", "concepts"},
     {"cli", "__init__", "__main__", "catalog"},
 ]
 

@@ -84,6 +84,11 @@ def explain(
     annotations: Path | None = typer.Option(
         None, "--annotations", help="Bounding boxes (CSV, JSON or Pascal VOC XML) for the localization metrics."
     ),
+    concepts: str | None = typer.Option(
+        None,
+        "--concepts",
+        help="For -m concept_maps: the OUT/concepts/ folder of `xai concepts extract` (its fitted concepts).",
+    ),
     force: bool = typer.Option(
         False, "--force", help="Redo every image (and replace the outputs of a different config)."
     ),
@@ -140,6 +145,7 @@ def explain(
         "against": against,
         "annotations": str(annotations) if annotations else None,
         "sheet": True if sheet else None,
+        "concepts": concepts,  # after "methods": sets the concept_maps methods' `concepts`
     }
     cfg = build_config(config, overrides)
     progress = None if quiet or as_json else RichProgress(err_console)
@@ -404,6 +410,128 @@ def report_cmd(
             f"{rep.sheets_written} sheets and {rep.thumbs_written} thumbnails written)",
             highlight=False,
         )
+
+
+concepts_app = typer.Typer(
+    name="concepts",
+    help="Global, concept-based explanations (docs/concepts.md). Both commands read a YAML config "
+    "(configs/concepts.yaml) and write to OUT/concepts/.\n\n"
+    "[bold]tcav[/]: does the model use a concept you give as example images (e.g. 'striped') to say "
+    "a class? A linear CAV per (concept, layer, random set), TCAV scores, a t-test against "
+    "random-vs-random CAVs, Bonferroni-corrected: tcav.csv, cavs.safetensors, tcav.png.\n\n"
+    "[bold]extract[/]: which concepts drive one class, and where are they? Crops of its images, NMF of "
+    "their activations into K concepts, each concept's importance (gradient x coefficient, or CRAFT's "
+    "Sobol indices with `importance: sobol`): "
+    "concepts.csv, atlas.png, concepts.safetensors, and K concept maps per image "
+    "(OUT/concept_maps/, reusable with `xai explain -m concept_maps --concepts OUT/concepts/`).\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(concepts_app)
+
+CONCEPTS_CONFIG_HELP = "YAML config with a `tcav:` and/or `extract:` section (see configs/concepts.yaml)."
+
+
+def _concept_progress(quiet: bool):
+    from .progress import RichProgress
+
+    return None if quiet else (lambda what: RichProgress(err_console, what))
+
+
+@concepts_app.command("tcav", epilog=EXIT_CODES_HELP)
+def concepts_tcav(
+    config: Path = typer.Option(..., "--config", "-c", help=CONCEPTS_CONFIG_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (results in OUT/concepts/)."),
+    device: str | None = typer.Option(None, help="auto (default), cpu, cuda, cuda:N."),
+    wait: bool = typer.Option(False, "--wait", help="If another run holds OUT/concepts/, wait for it (else exit 3)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
+):
+    """TCAV: is a concept (example images) significant for a class at a layer?
+
+    Trains a linear CAV per (concept, layer, random set) on the device, scores the share of the class's images whose logit grows along it, and tests the scores against random-vs-random CAVs (two-sided t-test, Bonferroni). Writes OUT/concepts/tcav.csv, tcav_runs.csv, cavs.safetensors, tcav.png; unreadable images go to OUT/concepts/errors.csv. Walkthrough: docs/concepts.md.
+
+    Example: xai concepts tcav --config configs/concepts.yaml
+    """
+    from .concepts.config import build_concepts_config
+    from .concepts.tcav import run_tcav
+
+    cfg = build_concepts_config(config, {"output": str(out) if out else None, "device": device}, need="tcav")
+    with interruptible():
+        res = run_tcav(cfg, progress=None if as_json else _concept_progress(quiet), wait=wait)
+    code = 1 if res.failed else 0
+    if as_json:
+        _print_json({"command": "concepts tcav", "exit_code": code, "out": str(res.out), "failed": res.failed,
+                     "seconds": round(res.seconds, 3), "rows": res.rows, "files": {k: str(v) for k, v in res.files.items()}})  # fmt: skip
+    elif not quiet:
+        t = Table(title=f"TCAV ({res.out / 'tcav.csv'})", title_justify="left")
+        for col in ("concept", "layer", "class", "score", "random", "p (Bonferroni)", "significant", "CAV acc."):
+            t.add_column(col, justify="left" if col in ("concept", "layer", "class") else "right")
+        for r in res.rows:
+            t.add_row(r["concept"], r["layer"], f"{r['class']} {r['class_label']}",
+                      f"{float(r['score_mean']):.2f} ± {float(r['score_std']):.2f}",
+                      f"{float(r['random_mean']):.2f} ± {float(r['random_std']):.2f}", f"{float(r['p_bonferroni']):.3g}",
+                      "yes" if r["significant"] == "true" else "[yellow]no[/]", f"{float(r['cav_accuracy']):.2f}")  # fmt: skip
+        Console().print(t)
+        Console().print(f"chart: {res.files['chart']}", highlight=False)
+    if res.failed:
+        err_console.print(f"[yellow]{res.failed} image(s) could not be read; see {res.out / 'errors.csv'}[/]")
+    raise typer.Exit(code)
+
+
+@concepts_app.command("extract", epilog=EXIT_CODES_HELP)
+def concepts_extract(
+    config: Path = typer.Option(..., "--config", "-c", help=CONCEPTS_CONFIG_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (OUT/concepts/, OUT/concept_maps/)."),
+    device: str | None = typer.Option(None, help="auto (default), cpu, cuda, cuda:N."),
+    force: bool = typer.Option(
+        False, "--force", help="Refit even when OUT/concepts/ holds a fit of the same settings; redo every map."
+    ),
+    no_maps: bool = typer.Option(False, "--no-maps", help="Fit and write the atlas only; no per-image concept maps."),
+    wait: bool = typer.Option(False, "--wait", help="If another run holds the folder, wait for it (else exit 3)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object on stdout."),
+):
+    """CRAFT-style concept extraction for one class: K concepts, their importance, where they are.
+
+    Crops the class's images at a few scales, factorises their activations at a layer with NMF, ranks the concepts by gradient x coefficient (or Sobol indices, `importance: sobol`), and writes OUT/concepts/concepts.csv, atlas.png and concepts.safetensors (reused when run again with the same settings); then K concept maps per image in OUT/concept_maps/ (an `xai explain` run with the `concept_maps` method). Walkthrough: docs/concepts.md.
+
+    Example: xai concepts extract --config configs/concepts.yaml
+    """
+    from .concepts.config import build_concepts_config
+    from .concepts.extract import run_extract
+
+    cfg = build_concepts_config(config, {"output": str(out) if out else None, "device": device}, need="extract")
+    with interruptible():
+        res = run_extract(cfg, progress=None if as_json else _concept_progress(quiet), wait=wait, force=force,
+                          maps=not no_maps)  # fmt: skip
+    failed = max(res.failed, res.maps.failed if res.maps is not None else 0)  # the same files, read twice
+    code = 1 if failed else 0
+    if as_json:
+        _print_json({"command": "concepts extract", "exit_code": code, "out": str(res.out), "reused": res.reused,
+                     "crops": res.crops, "relative_error": res.error, "failed": failed, "seconds": round(res.seconds, 3),
+                     "rows": res.rows, "files": {k: str(v) for k, v in res.files.items()},
+                     "maps": None if res.maps is None else {"done": res.maps.done, "up_to_date": res.maps.skipped}})  # fmt: skip
+    elif not quiet:
+        how = (
+            "reused (same settings; --force refits)"
+            if res.reused
+            else f"{res.crops} crops, relative error {res.error:.3f}"
+        )
+        t = Table(title=f"concepts ({res.out / 'concepts.csv'}; fit: {how})", title_justify="left")
+        for col in ("rank", "concept", "importance", "share", "dominant crops"):
+            t.add_column(col, justify="right")
+        for r in res.rows:
+            t.add_row(str(r["rank"]), str(r["concept"]), f"{float(r['importance']):.4g}",
+                      f"{float(r['importance_share']):.2f}", str(r["dominant_crops"]))  # fmt: skip
+        Console().print(t)
+        Console().print(f"atlas: {res.out / 'atlas.png'}", highlight=False)
+        if res.maps is not None:
+            Console().print(f"concept maps: {res.maps.out / 'concept_maps'} ({res.maps.done} done, "
+                            f"{res.maps.skipped} up to date)", highlight=False)  # fmt: skip
+    if failed:
+        err_console.print(f"[yellow]{failed} image(s) could not be read; see {res.out / 'errors.csv'}[/]")
+    raise typer.Exit(code)
 
 
 def _print_metrics(res) -> None:

@@ -378,6 +378,8 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
             data["metrics"] = [by_name.get(d["name"], d) for d in _named_list(val)]
         elif key == "against":
             data["metrics"] = with_against(data.get("metrics") or [], val)
+        elif key == "concepts":
+            data["methods"] = with_concepts(data.get("methods") or [], val, source)
         elif key == "input" and isinstance(data.get("input"), dict):
             data["input"] = {**data["input"], "path": val}
         else:
@@ -407,6 +409,18 @@ def with_against(metrics, against: str) -> list:
         if cls is not None and "reference" in cls.needs:
             item = {**item, "params": {**item.get("params", {}), "against": against}}
         out.append(item)
+    return out
+
+
+def with_concepts(methods, concepts: str, source: str = "command line") -> list:
+    """Set `concepts` (a flag: relative to the current folder) on the concept_maps methods."""
+    out, hit = [], False
+    for item in _named_list(methods) or []:
+        if isinstance(item, dict) and item.get("name") == "concept_maps":
+            item, hit = {**item, "params": {**item.get("params", {}), "concepts": concepts}}, True
+        out.append(item)
+    if not hit:
+        raise ConfigError(f"{source}: --concepts is for the concept_maps method; add `-m concept_maps`")
     return out
 
 

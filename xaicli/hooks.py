@@ -61,6 +61,22 @@ def capture(model: nn.Module, layer: str | nn.Module, start_graph: bool = False)
         handle.remove()
 
 
+@contextmanager
+def replace_output(model: nn.Module, layer: str | nn.Module, output: torch.Tensor) -> Iterator[None]:
+    """While the block is open, `model.<layer>` returns `output` instead of what it computed (the
+    rest of the network runs on it): CRAFT's perturbed concept activations. Removed on any exit."""
+    module = _module(model, layer)
+
+    def hook(_mod, _inp, out):
+        return (output, *out[1:]) if isinstance(out, tuple) else output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Names of the modules holding parameters of their own, in the order a forward pass of `x`
     runs them (registration order can differ); the hooks are removed before returning."""

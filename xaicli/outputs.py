@@ -9,6 +9,7 @@ its writers. xaicli/reader.py reads the same layout back.
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
     OUT/<method>/<rel>/<name>.png|npy the same for a method that returns K named maps per image
+    OUT/concepts/                     `xai concepts tcav|extract` (xaicli/concepts/, docs/concepts.md)
 from .errors import StateError
 from .ops import display01
 
@@ -74,6 +75,7 @@ RESERVED_NAMES = (
     "sheets",
     "report",
     "report.html",
+    "concepts",  # xai concepts (docs/concepts.md)
 )
 
 

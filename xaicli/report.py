@@ -342,6 +342,60 @@ def _errors_section(errors: list[dict], rdir: Path, out: Path) -> str:
     return note + _table(["image", "reason", "path"], rows, "errors")
 
 
+def _concepts_section(out: Path, rdir: Path) -> str:
+    """OUT/concepts/ of `xai concepts tcav|extract` (docs/concepts.md), when present: "" otherwise."""
+    from .outputs import read_csv
+
+    cdir = out / "concepts"
+    parts = []
+    if (cdir / "tcav.csv").is_file():
+        rows = [
+            [r["concept"], r["layer"], f"{r['class_label']} ({r['class']})",
+             f"{_num(r['score_mean']) or 0:.2f} ± {_num(r['score_std']) or 0:.2f}",
+             f"{_num(r['random_mean']) or 0:.2f} ± {_num(r['random_std']) or 0:.2f}",
+             f"{_num(r['p_bonferroni']) if _num(r['p_bonferroni']) is not None else float('nan'):.3g}",
+             "yes" if r["significant"] == "true" else "no", f"{_num(r['cav_accuracy']) or 0:.2f}", r["random_sets"]]
+            for r in read_csv(cdir / "tcav.csv", ("concept", "layer", "class", "score_mean", "significant"))
+        ]  # fmt: skip
+        parts.append(
+            "<h3>TCAV</h3><p class=\"note\">Share of the class's images whose logit grows along the concept's CAV "
+            "(mean ± std over random sets), against random-vs-random CAVs; significant: Bonferroni-corrected "
+            f'two-sided t-test. <a href="{html.escape(_rel(cdir / "tcav.csv", rdir))}">tcav.csv</a></p>'
+        )
+        head = [
+            "concept",
+            "layer",
+            "class",
+            "TCAV score",
+            "random",
+            "p (Bonferroni)",
+            "significant",
+            "CAV acc.",
+            "sets",
+        ]
+        parts.append(_table(head, rows, "tcav"))
+        if (cdir / "tcav.png").is_file():
+            parts.append(
+                f'<div><img class="atlas" src="{html.escape(_rel(cdir / "tcav.png", rdir))}" alt="TCAV"></div>'
+            )
+    if (cdir / "concepts.csv").is_file():
+        rows = [
+            [r["rank"], r["concept"], f"{_num(r['importance']) or 0:.4g}", r["importance_share"], r["dominant_crops"]]
+            for r in read_csv(cdir / "concepts.csv", ("concept", "rank", "importance"))
+        ]
+        parts.append(
+            '<h3>Extracted concepts</h3><p class="note">NMF concepts of one class\'s crops, ranked by importance '
+            "(gradient x coefficient); per-image maps are the <code>concept_maps</code> method in the table above. "
+            f'<a href="{html.escape(_rel(cdir / "concepts.csv", rdir))}">concepts.csv</a></p>'
+        )
+        parts.append(_table(["rank", "concept", "importance", "share", "dominant crops"], rows, "concepts"))
+        if (cdir / "atlas.png").is_file():
+            parts.append(
+                f'<div><img class="atlas" src="{html.escape(_rel(cdir / "atlas.png", rdir))}" alt="atlas"></div>'
+            )
+    return f'<section id="concepts-sec"><h2>Concepts</h2>{"".join(parts)}</section>' if parts else ""
+
+
 def _page(run: RunFolder, rdir: Path, latest: dict, methods: list[str], errors: list[dict]) -> str:
     title = f"xai report: {run.out.resolve().name}"
     links = " · ".join(
@@ -365,7 +419,7 @@ def _page(run: RunFolder, rdir: Path, latest: dict, methods: list[str], errors: 
 <style>{_CSS}</style>
 </head>
 <body>
-<header><h1>{html.escape(title)}</h1><nav><a href="#">images</a> · <a href="#metrics-sec">metrics</a> · <a href="#errors-sec">errors ({len(errors)})</a> · files: {links}</nav></header>
+<header><h1>{html.escape(title)}</h1><nav><a href="#">images</a> · <a href="#metrics-sec">metrics</a> · {'<a href="#concepts-sec">concepts</a> · ' if (run.out / "concepts").is_dir() else ""}<a href="#errors-sec">errors ({len(errors)})</a> · files: {links}</nav></header>
 <section id="run-sec"><h2>Run</h2>{_header(run, latest, methods, errors)}</section>
 <section id="images-sec">
 <h2>Images</h2>
@@ -384,6 +438,7 @@ def _page(run: RunFolder, rdir: Path, latest: dict, methods: list[str], errors: 
 </section>
 <section id="detail" hidden></section>
 <section id="metrics-sec"><h2>Metrics</h2>{_metrics_section(run, rdir)}</section>
+{_concepts_section(run.out, rdir)}
 <section id="errors-sec"><h2>Errors</h2>{_errors_section(errors, rdir, run.out)}</section>
 <footer>Written by <code>xai report</code>; open from the disk or any static web server. Colours: non-negative maps
 min-max, gradient magnitudes clipped at a high percentile, signed maps on a diverging colormap with white = 0
@@ -406,7 +461,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}tr.bad td{background:#
 #images img{height:64px;display:block}#images tbody tr:hover{background:#f0f6ff}
 #filters{display:flex;flex-wrap:wrap;gap:10px;align-items:center;margin:6px 0 10px}#count{color:#555}
 #pager{margin:10px 0}#table-wrap{overflow-x:auto}.st-ok{color:#1a7f37}.st-bad{color:#b42318;font-weight:600}
-.plots img{max-width:560px;width:100%;margin:4px 8px 4px 0;border:1px solid #eee}
+img.atlas{max-width:100%;border:1px solid #eee}.plots img{max-width:560px;width:100%;margin:4px 8px 4px 0;border:1px solid #eee}
 #detail img.sheet{max-width:100%;border:1px solid #ddd}.note{color:#555;font-size:12px}.ok{color:#1a7f37}
 footer{margin-top:30px;color:#666;font-size:12px}
 """

@@ -45,6 +45,12 @@ def printable(s: str) -> str:
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def display_path(path: Path | str) -> str:
+    """A source path as the CSVs and the report show it: '..' and '.' folded away lexically
+    (`configs/../imgs/a.png` -> `imgs/a.png`), valid UTF-8."""
+    return printable(os.path.normpath(str(path)))
+
+
 def side_keys(rel: str, path: Path | str | None, root: Path | None = None) -> list[str]:
     """The names under which a side file (labels CSV, annotations) may list an image, in order of
     preference: its output key (relative path without extension), the relative path with its

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .data import Batch, ImageItem, printable
+from .data import Batch, ImageItem, display_path
 from .methods.base import BoundMethod
 from .ops import Chunker
 
@@ -208,4 +208,4 @@ class Engine:
 
 
 def error_row(it: ImageItem, reason: str) -> dict:
-    return {"image": it.rel, "path": printable(str(it.path)), "reason": reason}
+    return {"image": it.rel, "path": display_path(it.path), "reason": reason}

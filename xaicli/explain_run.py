@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, dump_config
-from .data import Discovery, ImageDataset, ImageItem, discover, make_loader, side_keys
+from .data import Discovery, ImageDataset, ImageItem, discover, display_path, make_loader, side_keys
 from .engine import BatchResult, Engine, error_row, explain_step
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from .methods.base import eval_mode, make_context
@@ -166,7 +166,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     trash = apply_plan(out, items, plan, todo, list(methods))
     resolved = {
         "device": str(device),
-        "input_root": str(disc.root),
+        "input_root": display_path(disc.root),
         "images": len(items),
         "shard": opts.shard,
         "layers": {k: b.resolved()["layer"] for k, b in methods.items() if "layer" in b.resolved()},
@@ -181,16 +181,19 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     dataset = ImageDataset(work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
     engine = Engine(_step(methods, chunker, work), sinks, device, progress, log)
-    status = "error"
+    status, reason = "error", None
     try:
         with eval_mode(lm.model):
             status = engine.run(loader, work, missing, total=len(work) + len(missing))
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except BaseException as e:  # the JSON log says why the run ended (the CLI prints one line too)
+        reason = f"{type(e).__name__}: {e}"[:1000]
+        raise
     finally:
         summary.seconds = time.perf_counter() - t_start
-        _finish(out, cfg, summary, sinks, status, chunker, log)
+        _finish(out, cfg, summary, sinks, status, chunker, log, reason)
     return summary
 
 
@@ -219,7 +222,7 @@ def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
     return sinks
 
 
-def _finish(out, cfg, summary, sinks, status, chunker, log) -> None:
+def _finish(out, cfg, summary, sinks, status, chunker, log, reason: str | None = None) -> None:
     metric_sink = next((s for s in sinks if isinstance(s, MetricSink)), None)
     if metric_sink is not None and metric_sink.result is not None:
         summary.metrics = metric_sink.result
@@ -236,4 +239,5 @@ def _finish(out, cfg, summary, sinks, status, chunker, log) -> None:
         up_to_date=summary.skipped,
         seconds=round(summary.seconds, 3),
         oom_backoffs=chunker.events,
+        **({"reason": reason} if reason else {}),
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import printable
+from .data import display_path
 from .engine import OK, BatchResult
 from .outputs import (
     ERROR_FIELDS,
@@ -167,11 +167,10 @@ class MapSink:
             "map_min": f"{float(m.min()):.6g}",
             "map_max": f"{float(m.max()):.6g}",
             "status": out.status[j],
-            "path": str(it.path),
+            "path": display_path(it.path),
             "size": size_mtime[0],
             "mtime_ns": size_mtime[1],
         }
-        row["path"] = printable(row["path"])
         for name, vals in out.extras.items():
             row[name] = f"{float(vals[j]):.6g}"
         return row

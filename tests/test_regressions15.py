@@ -193,6 +193,30 @@ def test_output_index_by_key():
     assert torch.allclose(xaicli.explain(m, x, "saliency", output_index="logits"), xaicli.explain(m.net, x, "saliency"))
 
 
+# a labels file that covers 1 of 6 images ---------------------------------------------------------
+def test_target_fallback_predicted(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,class\nchelsea.png,967\n")  # espresso for the cat; the others unlisted
+    base = {"input": str(SAMPLES), "methods": "saliency", "workers": 0, "target": str(labels)}
+    s = run_explain(build_config(None, {**base, "output": str(tmp_path / "a")}))
+    assert s.done == 1 and s.failed == 5
+    assert "target_fallback: predicted" in _rows(tmp_path / "a" / "errors.csv")[0]["reason"]
+    s = run_explain(build_config(None, {**base, "output": str(tmp_path / "b"), "target_fallback": "predicted"}))
+    assert s.done == 6 and s.failed == 0
+    table = {r["image"]: r for r in _rows(tmp_path / "b" / "explanations.csv")}
+    assert table["chelsea"]["target_class"] == "967"
+    for k, r in table.items():
+        if k != "chelsea":
+            assert r["target_class"] == r["top1_class"], k
+
+
+def test_target_fallback_is_validated(tmp_path):
+    from xaicli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="target_fallback"):
+        build_config(None, {"input": str(SAMPLES), "target_fallback": "guess"})
+
+
 # help and README ---------------------------------------------------------------------------------
 def test_evaluate_help_lists_every_exit_code():
     r = run_xai("evaluate", "--help", env={"COLUMNS": "200"})

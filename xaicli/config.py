@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -106,6 +106,8 @@ class RunConfig(_Strict):
     model: ModelCfg = Field(default_factory=ModelCfg)
     methods: list[MethodCfg] = Field(default_factory=lambda: [MethodCfg(name="gradcam")], min_length=1)
     target: str | int = "predicted"
+    # images a labels file does not list: `error` (errors.csv, exit 1) or `predicted` (explain the predicted class)
+    target_fallback: Literal["error", "predicted"] = "error"
     input: InputCfg | None = None
     output: str = Field(DEFAULT_OUT, min_length=1)
     device: str = "auto"

@@ -14,7 +14,7 @@ import torch
 
 from .config import RunConfig, dump_config
 from .data import Discovery, ImageDataset, ImageItem, discover, display_path, make_loader, side_keys
-from .engine import BatchResult, Engine, error_row, explain_step
+from .engine import BatchResult, Engine, error_row, explain_step, plain_logits
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from .methods.base import eval_mode, make_context
 from .metrics import build_metrics, load_annotations
@@ -100,6 +100,9 @@ def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str,
     return out
 
 
+PREDICTED = -1  # a target meaning "the predicted class" (labels file + target_fallback: predicted)
+
+
 class TargetOf:
     """Picklable `extra` for the dataset: the class to explain for item i (labels file or fixed)."""
 
@@ -121,8 +124,14 @@ def resolve_targets(cfg: RunConfig, disc: Discovery, lm: LoadedModel, work: list
     if cfg.target == "predicted":
         return work, None, []
     labels = load_labels(cfg.target, disc, lm)
+    if cfg.target_fallback == "predicted":  # -1: the predicted class (filled in by the step)
+        return work, [labels.get(it.rel, PREDICTED) for it in work], []
     keep = [it for it in work if it.rel in labels]
-    missing = [error_row(it, f"no entry in the labels file {cfg.target}") for it in work if it.rel not in labels]
+    missing = [
+        error_row(it, f"no entry in the labels file {cfg.target} (target_fallback: predicted explains the predicted class)")
+        for it in work
+        if it.rel not in labels
+    ]
     return keep, [labels[it.rel] for it in keep], missing
 
 
@@ -200,10 +209,16 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
 def _step(methods: dict, chunker: Chunker, work: list[ImageItem]):
     def step(x, batch) -> BatchResult:
         target = batch.extra["target"].to(x.device) if "target" in batch.extra else None
+        if target is not None and bool((target == PREDICTED).any()):
+            target = torch.where(target == PREDICTED, plain_logits(_model(methods), x, chunker).argmax(dim=1), target)
         tgt, logits, outputs = explain_step(methods, x, target, chunker)
         return BatchResult([work[i] for i in batch.indices], x, batch.origs, tgt, logits, outputs)
 
     return step
+
+
+def _model(methods: dict):
+    return next(iter(methods.values())).model
 
 
 def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:

@@ -151,22 +151,25 @@ def explain(
             options=options,
             on_wait=lambda holder: err_console.print(f"waiting for the run that holds {cfg.output} ({holder})"),
         )
-    if dry_run:
+    if dry_run:  # the preflight of `xai check`, then the list of images
+        from .preflight import preflight
+
+        rep = preflight(cfg, force=force, limit=limit, shard=shard)
         if as_json:
             _print_json(
                 {
+                    **rep.to_json(),
                     "command": "explain",
                     "dry_run": True,
-                    "out": str(summary.out),
                     "images": summary.total,
                     "up_to_date": summary.skipped,
                     "todo": [str(it.path) for it in summary.planned],
-                    "exit_code": 0,
                 }
             )
         else:
+            _print_check(rep)
             _print_plan(summary)
-        raise typer.Exit(0)
+        raise typer.Exit(2 if rep.errors else 0)
     rep = _write_report(summary.out) if report else None
     if as_json:
         _print_json(_explain_json(summary, rep))
@@ -182,6 +185,117 @@ def explain(
             f"{summary.out / 'explanations.csv'}[/]"
         )
     raise typer.Exit(summary.exit_code)
+
+
+@app.command(
+    epilog=EXIT_CODES_HELP.replace("1 done, some images failed (see OUT/errors.csv)", "1 warnings (see above)")
+)
+def check(
+    inputs: str | None = typer.Argument(
+        None, help="Folder, glob pattern, image file, or .txt list of paths (as for `xai explain`)."
+    ),
+    method: str | None = typer.Option(None, "--method", "-m", help="Method(s), comma-separated (default gradcam)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default ./xai-out)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config; flags override its values."),
+    model: str | None = typer.Option(None, help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
+    weights: str | None = typer.Option(None, help="default | none | a weights name/tag | a local checkpoint."),
+    layer: str | None = typer.Option(None, help="Target layer for CAM methods (found automatically if omitted)."),
+    target: str | None = typer.Option(None, help="'predicted' (default), a class index, or a labels CSV."),
+    device: str | None = typer.Option(None, help="auto (default), cpu, cuda, cuda:N."),
+    metrics: str | None = typer.Option(None, "--metrics", help="Metrics the run computes, comma-separated."),
+    annotations: Path | None = typer.Option(None, "--annotations", help="Bounding boxes for localization metrics."),
+    force: bool = typer.Option(False, "--force", help="Plan as `xai explain --force` would (redo everything)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Plan at most N images."),
+    shard: str | None = typer.Option(None, "--shard", help="I/N: plan shard I of N."),
+    budget: float = typer.Option(
+        8.0, "--budget", min=0.0, help="Hours: warn (exit 1) when the estimated run time exceeds it."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+):
+    """Preflight: build the model and load its weights (offline-aware), bind every method on one
+    dummy forward (layers resolved and checked), read the labels and annotation files, and print
+    the plan: images to do and up to date, methods, and the expected cost (each method's cost in
+    forwards/backwards per image x one measured forward/backward). Writes nothing.
+
+    Examples:
+
+      xai check --config configs/nightly.yaml
+
+      xai check -m integrated_gradients:n_steps=256 imgs/ --budget 2
+    """
+    from .config import build_config
+    from .preflight import preflight
+
+    overrides = {
+        "input": inputs,
+        "methods": method,
+        "output": str(out) if out else None,
+        "model.name": model,
+        "model.weights": weights,
+        "model.layer": layer,
+        "target": target,
+        "device": device,
+        "metrics": metrics,
+        "annotations": str(annotations) if annotations else None,
+    }
+    cfg = build_config(config, overrides)
+    rep = preflight(cfg, force=force, limit=limit, shard=shard, budget_hours=budget)
+    if as_json:
+        _print_json(rep.to_json())
+    else:
+        _print_check(rep)
+    raise typer.Exit(rep.exit_code)
+
+
+def _print_check(rep) -> None:
+    from .preflight import human_seconds
+
+    console = Console(highlight=False)
+    t = Table(title="xai check", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("output", str(rep.out) + (" (holds another config's outputs)" if rep.replaces_config else ""))
+    t.add_row(
+        "images",
+        f"{rep.images} found, {rep.up_to_date} up to date, {rep.todo} to do"
+        + (f", {rep.ignored} non-image file(s) ignored" if rep.ignored else ""),
+    )
+    t.add_row(
+        "model",
+        f"{rep.model} on {rep.device}: {rep.classes} classes, input {rep.input_size[0]}x{rep.input_size[1]}, "
+        f"loaded in {rep.load_seconds:.1f} s",
+    )
+    t.add_row("measured", f"one image: forward {rep.forward_s * 1000:.1f} ms, backward {rep.backward_s * 1000:.1f} ms")
+    for m in rep.methods:
+        if m.error:
+            t.add_row(f"  {m.key}", f"[red]error[/]: {escape(m.error)}")
+            continue
+        per = (
+            f"{m.forwards:g} F + {m.backwards:g} B = {human_seconds(m.seconds_per_image)}/img"
+            if m.seconds_per_image is not None
+            else "cost unknown"
+        )
+        t.add_row(f"  {m.key}", escape(per + (f" (layer {m.layer})" if m.layer else "")))
+    if rep.labels:
+        lb = rep.labels
+        t.add_row(
+            "labels", escape(f"{lb['file']}: {lb['listed']} listed, {lb['missing']} not (fallback: {lb['fallback']})")
+        )
+    if rep.annotations:
+        an = rep.annotations
+        t.add_row("annotations", escape(f"{an['file']}: boxes for {an['images_with_boxes']} of {an['images']} images"))
+    if rep.metrics:
+        t.add_row("metrics", ", ".join(rep.metrics) + " (not in the estimate)")
+    t.add_row(
+        "estimate",
+        f"{human_seconds(rep.estimate_seconds)} for {rep.todo} image(s) "
+        f"({human_seconds(rep.seconds_per_image)}/img; batch 1 timing, decoding and writing not included)",
+    )
+    console.print(t)
+    for w in rep.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    for e in rep.errors:
+        err_console.print(f"[bold red]error:[/] {escape(e)}", highlight=False)
 
 
 def _print_json(doc: dict) -> None:

@@ -128,7 +128,9 @@ def resolve_targets(cfg: RunConfig, disc: Discovery, lm: LoadedModel, work: list
         return work, [labels.get(it.rel, PREDICTED) for it in work], []
     keep = [it for it in work if it.rel in labels]
     missing = [
-        error_row(it, f"no entry in the labels file {cfg.target} (target_fallback: predicted explains the predicted class)")
+        error_row(
+            it, f"no entry in the labels file {cfg.target} (target_fallback: predicted explains the predicted class)"
+        )
         for it in work
         if it.rel not in labels
     ]

@@ -230,7 +230,9 @@ def explain(
                 raise
             hint = " (or pass output_index=... for a model that returns several outputs)"
             if output_index is None:
-                hint = ': pass output_index=0 (the position of the logits) or output_index="logits" (a key or attribute)'
+                hint = (
+                    ': pass output_index=0 (the position of the logits) or output_index="logits" (a key or attribute)'
+                )
             raise MethodError(
                 f"the model's forward returned {what}; xaicli needs the logits, a tensor [B, classes]{hint}"
             ) from e

@@ -353,6 +353,8 @@ def _explain_json(s, rep) -> dict:
         "ignored": s.ignored,
         "seconds": round(s.seconds, 3),
         "method_seconds": {k: round(v, 3) for k, v in s.method_seconds.items()},
+        "metric_seconds": {k: round(v, 3) for k, v in s.metric_seconds.items()},
+        "maps": [str(p) for p in s.maps],
         "files": _files(s.out, rep),
     }
     if s.metrics is not None:
@@ -377,6 +379,8 @@ def _print_plan(s) -> None:
 
 
 def _print_summary(s) -> None:
+    from .progress import rate_text
+
     console = Console()
     t = Table(title="xai explain", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -390,11 +394,19 @@ def _print_summary(s) -> None:
         t.add_row("flagged maps", f"{s.flagged} (nonfinite/oom, see explanations.csv status)")
     if s.ignored:
         t.add_row("ignored", f"{s.ignored} non-image file(s)")
-    t.add_row("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} images/s)")
+    t.add_row("time", f"{s.seconds:.1f} s ({rate_text(s.images_per_second)})")
     for k, v in s.method_seconds.items():
-        t.add_row(f"  {k}", f"{v:.2f} s on the device")
+        t.add_row(f"  {k}", f"{v:.2f} s on the device" + _per_image(v, s.done))
+    for k, v in s.metric_seconds.items():
+        t.add_row(f"  metric {k}", f"{v:.2f} s on the device" + _per_image(v, s.done))
     t.add_row("outputs", str(s.out.resolve()))
+    for p in s.maps:
+        t.add_row("map", str(p))
     console.print(t)
+
+
+def _per_image(seconds: float, images: int) -> str:
+    return f" ({seconds / images:.1f} s/img)" if images and seconds / images >= 1 else ""
 
 
 EVALUATE_EXIT_HELP = (

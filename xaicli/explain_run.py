@@ -21,7 +21,8 @@ from .metrics import build_metrics, load_annotations
 from .models import LoadedModel
 from .models.registry import load_model_cfg, resolve_device
 from .ops import Chunker
-from .outputs import explanation_fields, write_manifest, write_run_yaml
+from .outputs import explanation_fields, map_paths, write_manifest, write_run_yaml
+from .progress import InnerProgress
 from .reader import manifest_of
 from .sinks import ErrorSink, MapSink, MapStyle, MetricSink
 from .state import (
@@ -51,6 +52,8 @@ class RunSummary:
     flagged: int = 0  # (image, method) maps flagged nonfinite/oom in explanations.csv
     planned: list = field(default_factory=list)  # --dry-run: what would be done
     metrics: object | None = None  # sinks.EvalSummary when the run computed metrics (--metrics)
+    metric_seconds: dict[str, float] = field(default_factory=dict)  # device time per metric (--metrics)
+    maps: list[Path] = field(default_factory=list)  # a single-image run: the PNGs it wrote
 
     @property
     def exit_code(self) -> int:
@@ -191,7 +194,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     sinks = _sinks(cfg, out, lm, ctx, methods, plan.keys, summary, log)
     dataset = ImageDataset(work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-    engine = Engine(_step(methods, chunker, work), sinks, device, progress, log)
+    engine = Engine(_step(methods, chunker, work, progress), sinks, device, progress, log)
     status, reason = "error", None
     try:
         with eval_mode(lm.model):
@@ -205,15 +208,29 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     finally:
         summary.seconds = time.perf_counter() - t_start
         _finish(out, cfg, summary, sinks, status, chunker, log, reason)
+    if len(work) == 1 and summary.done:  # say where the picture is
+        for key, b in methods.items():
+            for name in b.spec.map_names or (None,):
+                png = map_paths(out, key, work[0].rel, name)[0]
+                if png.is_file():
+                    summary.maps.append(png)
     return summary
 
 
-def _step(methods: dict, chunker: Chunker, work: list[ImageItem]):
+def _step(methods: dict, chunker: Chunker, work: list[ImageItem], progress=None):
     def step(x, batch) -> BatchResult:
+        inner = InnerProgress(progress, len(batch.indices), len(methods)) if hasattr(progress, "partial") else None
+        chunker.on_chunk = inner.chunk if inner else None
+        try:
+            return _one_step(x, batch, inner)
+        finally:
+            chunker.on_chunk = None
+
+    def _one_step(x, batch, inner) -> BatchResult:
         target = batch.extra["target"].to(x.device) if "target" in batch.extra else None
         if target is not None and bool((target == PREDICTED).any()):
             target = torch.where(target == PREDICTED, plain_logits(_model(methods), x, chunker).argmax(dim=1), target)
-        tgt, logits, outputs = explain_step(methods, x, target, chunker)
+        tgt, logits, outputs = explain_step(methods, x, target, chunker, inner.method if inner else None)
         return BatchResult([work[i] for i in batch.indices], x, batch.origs, tgt, logits, outputs)
 
     return step
@@ -243,6 +260,8 @@ def _finish(out, cfg, summary, sinks, status, chunker, log, reason: str | None =
     metric_sink = next((s for s in sinks if isinstance(s, MetricSink)), None)
     if metric_sink is not None and metric_sink.result is not None:
         summary.metrics = metric_sink.result
+    if metric_sink is not None:
+        summary.metric_seconds = dict(metric_sink.seconds)
     if cfg.sheet and status == "done":
         from .report import write_sheets
 

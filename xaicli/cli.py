@@ -30,11 +30,43 @@ app = typer.Typer(
     help="Batch explanations for image classifiers: heatmaps for whole folders, and faithfulness "
     "metrics for what they show.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 err_console = Console(stderr=True, soft_wrap=True)  # one line per message, also in cron logs
+
+
+def _flags_without_metavar() -> None:
+    """Typer's rich help shows a flag as `--quiet <bool>`, as if it took a value; a flag takes none."""
+    opt = getattr(typer.core, "TyperOption", None)
+    orig = getattr(opt, "display_type_rich", None)
+    if orig is None or getattr(orig, "_xai", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else orig(self, ctx)
+
+    display_type_rich._xai = True
+    opt.display_type_rich = display_type_rich
+
+
+_flags_without_metavar()
+
+
+def _complete_names(registry: str):
+    """Shell completion of comma-separated method/metric names (the part after the last comma)."""
+
+    def complete(incomplete: str) -> list[str]:
+        head, _, last = incomplete.rpartition(",")
+        if registry == "methods":
+            from .methods import METHODS as names
+        else:
+            from .metrics import METRICS as names
+        prefix = head + "," if head else ""
+        return [prefix + n for n in sorted(names) if n.startswith(last)]
+
+    return complete
 
 
 def _version(value: bool):
@@ -54,11 +86,19 @@ def _root(
 
 @app.command(epilog=EXIT_CODES_HELP)
 def explain(
-    inputs: str | None = typer.Argument(
-        None, help="Folder (searched recursively), glob pattern ('imgs/**/*.jpg'), image file, or .txt list of paths."
+    inputs: list[str] | None = typer.Argument(
+        None,
+        help="Folders (searched recursively), glob patterns ('imgs/**/*.jpg'), image files or .txt lists of "
+        "paths; several may be given (an unquoted glob the shell expanded works).",
+        show_default=False,
     ),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="Method(s), comma-separated (default gradcam). See `xai methods`."
+        None,
+        "--method",
+        "-m",
+        help="Method(s), comma-separated, each with optional parameters: "
+        "gradcam,integrated_gradients:n_steps=32,baseline=blur (default gradcam). See `xai methods`.",
+        autocompletion=_complete_names("methods"),
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default ./xai-out)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config; flags override its values."),
@@ -68,7 +108,9 @@ def explain(
     ),
     layer: str | None = typer.Option(None, help="Target layer for CAM methods (found automatically if omitted)."),
     target: str | None = typer.Option(
-        None, help="'predicted' (default), a class index, or a labels CSV with columns image,class."
+        None,
+        help="'predicted' (default), a class index, a class name ('tiger cat'), or a labels CSV with columns "
+        "image,class.",
     ),
     device: str | None = typer.Option(None, help="auto (default), cpu, cuda, cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per batch (default 8)."),
@@ -77,8 +119,10 @@ def explain(
     metrics: str | None = typer.Option(
         None,
         "--metrics",
-        help="Also compute metrics in the batch loop, comma-separated (e.g. deletion,insertion,avg-drop); "
-        "writes OUT/metrics.csv, metrics_summary.csv and curve PNGs. See `xai metrics`.",
+        help="Also compute metrics in the batch loop, comma-separated (e.g. deletion,insertion,avg-drop; "
+        "parameters as for -m: deletion:step=0.05); writes OUT/metrics.csv, metrics_summary.csv and curve PNGs. "
+        "See `xai metrics`.",
+        autocompletion=_complete_names("metrics"),
     ),
     against: str | None = typer.Option(None, "--against", help="Method the `win` metric compares with."),
     annotations: Path | None = typer.Option(
@@ -125,7 +169,7 @@ def explain(
     from .progress import RichProgress
 
     overrides = {
-        "input": inputs,
+        "input": _inputs(inputs),
         "methods": method,
         "output": str(out) if out else None,
         "model.name": model,
@@ -191,10 +235,14 @@ def explain(
     epilog=EXIT_CODES_HELP.replace("1 done, some images failed (see OUT/errors.csv)", "1 warnings (see above)")
 )
 def check(
-    inputs: str | None = typer.Argument(
-        None, help="Folder, glob pattern, image file, or .txt list of paths (as for `xai explain`)."
+    inputs: list[str] | None = typer.Argument(
+        None,
+        help="Folders, glob patterns, image files or .txt lists of paths (as for `xai explain`).",
+        show_default=False,
     ),
-    method: str | None = typer.Option(None, "--method", "-m", help="Method(s), comma-separated (default gradcam)."),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="Method(s) with optional parameters, as for `xai explain` (default gradcam)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default ./xai-out)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config; flags override its values."),
     model: str | None = typer.Option(None, help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
@@ -212,10 +260,13 @@ def check(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
 ):
-    """Preflight: build the model and load its weights (offline-aware), bind every method on one
-    dummy forward (layers resolved and checked), read the labels and annotation files, and print
-    the plan: images to do and up to date, methods, and the expected cost (each method's cost in
-    forwards/backwards per image x one measured forward/backward). Writes nothing.
+    """Preflight: check model, weights, layers, labels and the expected cost, without running.
+
+    Builds the model and loads its weights (offline-aware: fails in seconds without network),
+    binds every method on one dummy forward (layers resolved and checked), reads the labels and
+    annotation files, and prints the plan: images to do and up to date, methods, and the expected
+    cost (each method's cost in forwards/backwards per image x one measured forward/backward).
+    Writes nothing. `xai explain --dry-run` prints the same, then the images.
 
     Examples:
 
@@ -227,7 +278,7 @@ def check(
     from .preflight import preflight
 
     overrides = {
-        "input": inputs,
+        "input": _inputs(inputs),
         "methods": method,
         "output": str(out) if out else None,
         "model.name": model,
@@ -276,7 +327,9 @@ def _print_check(rep) -> None:
             else "cost unknown"
         )
         t.add_row(f"  {m.key}", escape(per + (f" (layer {m.layer})" if m.layer else "")))
-    if rep.labels:
+    if rep.labels and "class" in rep.labels:
+        t.add_row("target", escape(f"{rep.labels['class']} (class {rep.labels['index']})"))
+    elif rep.labels:
         lb = rep.labels
         t.add_row(
             "labels", escape(f"{lb['file']}: {lb['listed']} listed, {lb['missing']} not (fallback: {lb['fallback']})")
@@ -296,6 +349,13 @@ def _print_check(rep) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     for e in rep.errors:
         err_console.print(f"[bold red]error:[/] {escape(e)}", highlight=False)
+
+
+def _inputs(inputs: list[str] | None):
+    """None, one input (a string: the config hash of one input is unchanged) or a list."""
+    if not inputs:
+        return None
+    return inputs[0] if len(inputs) == 1 else list(inputs)
 
 
 def _print_json(doc: dict) -> None:
@@ -557,6 +617,47 @@ def _registry_table(title: str, registry: dict) -> Table:
         )
         t.add_row(name, cls.description, params)
     return t
+
+
+EXAMPLES = ("example", "demo", "nightly", "lrp", "perturbation")
+
+
+def example_config(name: str) -> str:
+    """The text of a shipped example config (configs/NAME.yaml, in the wheel as xaicli/configs/)."""
+    from importlib import resources
+
+    if name not in EXAMPLES:
+        raise typer.BadParameter(f"'{name}' is not one of: {', '.join(EXAMPLES)}", param_hint="NAME")
+    places = []
+    try:
+        places.append(resources.files("xaicli.configs") / f"{name}.yaml")  # installed wheel
+    except ModuleNotFoundError:
+        pass
+    places.append(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")  # a checkout
+    for p in places:
+        if p.is_file():
+            return p.read_text(encoding="utf-8")
+    raise typer.BadParameter(f"the example config '{name}' is not installed", param_hint="NAME")
+
+
+@app.command()
+def init(
+    name: str = typer.Argument("example", help=f"Which example: {', '.join(EXAMPLES)}."),
+    inputs: str = typer.Option("imgs/", "--input", "-i", help="The `input:` to write."),
+    out: str = typer.Option("xai-out", "--out", "-o", help="The `output:` to write."),
+):
+    """Print a commented config to start from: `xai init > xai.yaml`, then `xai check -c xai.yaml`.
+
+    `example` lists every key with its allowed values; `demo`, `nightly`, `lrp` and `perturbation` are
+    the other shipped configs. The input and output paths are replaced by --input / --out.
+    """
+    import re
+
+    text = example_config(name)
+    text = re.sub(r"(?m)^(input:\n  path: )\S+", lambda m: m.group(1) + inputs, text)
+    text = re.sub(r"(?m)^(input: )\S+", lambda m: m.group(1) + inputs, text)
+    text = re.sub(r"(?m)^(output: )\S+", lambda m: m.group(1) + out, text)
+    sys.stdout.write(text)
 
 
 @app.command("metrics")

@@ -103,6 +103,25 @@ def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str,
     return out
 
 
+def class_index(name: str, lm: LoadedModel) -> int:
+    """The index of a class given by name (exact, else case-insensitive); a ConfigError with the
+    closest names otherwise."""
+    names = lm.class_names
+    if name in names:
+        return names.index(name)
+    folded = [n.casefold() for n in names]
+    if name.strip().casefold() in folded:
+        return folded.index(name.strip().casefold())
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(repr(c) for c in close)}" if close else ""
+    raise ConfigError(
+        f"target: '{name}' is neither 'predicted', a class index, an existing labels file nor a class name "
+        f"of the model{hint}"
+    )
+
+
 PREDICTED = -1  # a target meaning "the predicted class" (labels file + target_fallback: predicted)
 
 
@@ -126,6 +145,8 @@ def resolve_targets(cfg: RunConfig, disc: Discovery, lm: LoadedModel, work: list
         return work, [cfg.target] * len(work), []
     if cfg.target == "predicted":
         return work, None, []
+    if not Path(cfg.target).is_file():  # a class name: --target 'tiger cat'
+        return work, [class_index(cfg.target, lm)] * len(work), []
     labels = load_labels(cfg.target, disc, lm)
     if cfg.target_fallback == "predicted":  # -1: the predicted class (filled in by the step)
         return work, [labels.get(it.rel, PREDICTED) for it in work], []

@@ -311,8 +311,14 @@ def _check_targets(cfg: RunConfig, disc, lm, work, rep: CheckReport) -> None:
         if isinstance(cfg.target, int) and cfg.target >= rep.classes:
             rep.errors.append(f"target: class {cfg.target} is out of range (the model has {rep.classes} classes)")
         return
-    from .explain_run import load_labels
+    from .explain_run import class_index, load_labels
 
+    if not Path(cfg.target).is_file():  # a class name
+        try:
+            rep.labels = {"class": cfg.target, "index": class_index(cfg.target, lm)}
+        except XaiError as e:
+            rep.errors.append(str(e))
+        return
     try:
         labels = load_labels(cfg.target, disc, lm)
     except XaiError as e:

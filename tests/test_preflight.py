@@ -120,3 +120,12 @@ def test_tiny_model_symbols():
     assert _model_symbols(spec, spec.bind(ctx), ctx)["K"] == 8
     occ = build_method("occlusion", window=16, stride=8)
     assert _model_symbols(occ, occ.bind(ctx), ctx)["P"] == 9  # 3 x 3 positions on 32 px
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_check_on_cuda_times_the_device(tmp_path):
+    cfg = build_config(None, {"input": str(SAMPLES), "output": str(tmp_path / "o"), "device": "cuda"})
+    rep = preflight(cfg)
+    assert rep.device.startswith("cuda") and rep.exit_code == 0
+    assert 0 < rep.forward_s < 1 and rep.methods[0].layer == "bn2"

@@ -199,6 +199,7 @@ def explain(
         from .preflight import preflight
 
         rep = preflight(cfg, force=force, limit=limit, shard=shard)
+        code = 2 if rep.errors else 0  # warnings (e.g. over the budget) are printed, not an exit code here
         if as_json:
             _print_json(
                 {
@@ -208,12 +209,13 @@ def explain(
                     "images": summary.total,
                     "up_to_date": summary.skipped,
                     "todo": [str(it.path) for it in summary.planned],
+                    "exit_code": code,
                 }
             )
         else:
             _print_check(rep)
             _print_plan(summary)
-        raise typer.Exit(2 if rep.errors else 0)
+        raise typer.Exit(code)
     rep = _write_report(summary.out) if report else None
     if as_json:
         _print_json(_explain_json(summary, rep))

@@ -61,8 +61,10 @@ def _split_top(s: str, sep: str = ",") -> list[str]:
     """Split at `sep` outside brackets: 'a,b:mean=[1,2],c' -> ['a', 'b:mean=[1,2]', 'c']."""
     out, depth, cur = [], 0, ""
     for ch in s:
-        depth += ch in "[{(" and 1 or 0
-        depth -= ch in "]})" and 1 or 0
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
         if ch == sep and depth <= 0:
             out.append(cur)
             cur = ""

@@ -30,11 +30,43 @@ app = typer.Typer(
     help="Batch explanations for image classifiers: heatmaps for whole folders, and faithfulness "
     "metrics for what they show.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 err_console = Console(stderr=True, soft_wrap=True)  # one line per message, also in cron logs
+
+
+def _flags_without_metavar() -> None:
+    """Typer's rich help shows a flag as `--quiet <bool>`, as if it took a value; a flag takes none."""
+    opt = getattr(typer.core, "TyperOption", None)
+    orig = getattr(opt, "display_type_rich", None)
+    if orig is None or getattr(orig, "_xai", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else orig(self, ctx)
+
+    display_type_rich._xai = True
+    opt.display_type_rich = display_type_rich
+
+
+_flags_without_metavar()
+
+
+def _complete_names(registry: str):
+    """Shell completion of comma-separated method/metric names (the part after the last comma)."""
+
+    def complete(incomplete: str) -> list[str]:
+        head, _, last = incomplete.rpartition(",")
+        if registry == "methods":
+            from .methods import METHODS as names
+        else:
+            from .metrics import METRICS as names
+        prefix = head + "," if head else ""
+        return [prefix + n for n in sorted(names) if n.startswith(last)]
+
+    return complete
 
 
 def _version(value: bool):
@@ -54,11 +86,19 @@ def _root(
 
 @app.command(epilog=EXIT_CODES_HELP)
 def explain(
-    inputs: str | None = typer.Argument(
-        None, help="Folder (searched recursively), glob pattern ('imgs/**/*.jpg'), image file, or .txt list of paths."
+    inputs: list[str] | None = typer.Argument(
+        None,
+        help="Folders (searched recursively), glob patterns ('imgs/**/*.jpg'), image files or .txt lists of "
+        "paths; several may be given (an unquoted glob the shell expanded works).",
+        show_default=False,
     ),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="Method(s), comma-separated (default gradcam). See `xai methods`."
+        None,
+        "--method",
+        "-m",
+        help="Method(s), comma-separated, each with optional parameters: "
+        "gradcam,integrated_gradients:n_steps=32,baseline=blur (default gradcam). See `xai methods`.",
+        autocompletion=_complete_names("methods"),
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default ./xai-out)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config; flags override its values."),
@@ -68,7 +108,9 @@ def explain(
     ),
     layer: str | None = typer.Option(None, help="Target layer for CAM methods (found automatically if omitted)."),
     target: str | None = typer.Option(
-        None, help="'predicted' (default), a class index, or a labels CSV with columns image,class."
+        None,
+        help="'predicted' (default), a class index, a class name ('tiger cat'), or a labels CSV with columns "
+        "image,class.",
     ),
     device: str | None = typer.Option(None, help="auto (default), cpu, cuda, cuda:N."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per batch (default 8)."),
@@ -77,8 +119,10 @@ def explain(
     metrics: str | None = typer.Option(
         None,
         "--metrics",
-        help="Also compute metrics in the batch loop, comma-separated (e.g. deletion,insertion,avg-drop); "
-        "writes OUT/metrics.csv, metrics_summary.csv and curve PNGs. See `xai metrics`.",
+        help="Also compute metrics in the batch loop, comma-separated (e.g. deletion,insertion,avg-drop; "
+        "parameters as for -m: deletion:step=0.05); writes OUT/metrics.csv, metrics_summary.csv and curve PNGs. "
+        "See `xai metrics`.",
+        autocompletion=_complete_names("metrics"),
     ),
     against: str | None = typer.Option(None, "--against", help="Method the `win` metric compares with."),
     annotations: Path | None = typer.Option(
@@ -130,7 +174,7 @@ def explain(
     from .progress import RichProgress
 
     overrides = {
-        "input": inputs,
+        "input": _inputs(inputs),
         "methods": method,
         "output": str(out) if out else None,
         "model.name": model,
@@ -157,22 +201,27 @@ def explain(
             options=options,
             on_wait=lambda holder: err_console.print(f"waiting for the run that holds {cfg.output} ({holder})"),
         )
-    if dry_run:
+    if dry_run:  # the preflight of `xai check`, then the list of images
+        from .preflight import preflight
+
+        rep = preflight(cfg, force=force, limit=limit, shard=shard)
+        code = 2 if rep.errors else 0  # warnings (e.g. over the budget) are printed, not an exit code here
         if as_json:
             _print_json(
                 {
+                    **rep.to_json(),
                     "command": "explain",
                     "dry_run": True,
-                    "out": str(summary.out),
                     "images": summary.total,
                     "up_to_date": summary.skipped,
                     "todo": [str(it.path) for it in summary.planned],
-                    "exit_code": 0,
+                    "exit_code": code,
                 }
             )
         else:
+            _print_check(rep)
             _print_plan(summary)
-        raise typer.Exit(0)
+        raise typer.Exit(code)
     rep = _write_report(summary.out) if report else None
     if as_json:
         _print_json(_explain_json(summary, rep))
@@ -188,6 +237,133 @@ def explain(
             f"{summary.out / 'explanations.csv'}[/]"
         )
     raise typer.Exit(summary.exit_code)
+
+
+@app.command(
+    epilog=EXIT_CODES_HELP.replace("1 done, some images failed (see OUT/errors.csv)", "1 warnings (see above)")
+)
+def check(
+    inputs: list[str] | None = typer.Argument(
+        None,
+        help="Folders, glob patterns, image files or .txt lists of paths (as for `xai explain`).",
+        show_default=False,
+    ),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="Method(s) with optional parameters, as for `xai explain` (default gradcam)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default ./xai-out)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config; flags override its values."),
+    model: str | None = typer.Option(None, help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
+    weights: str | None = typer.Option(None, help="default | none | a weights name/tag | a local checkpoint."),
+    layer: str | None = typer.Option(None, help="Target layer for CAM methods (found automatically if omitted)."),
+    target: str | None = typer.Option(None, help="'predicted' (default), a class index, or a labels CSV."),
+    device: str | None = typer.Option(None, help="auto (default), cpu, cuda, cuda:N."),
+    metrics: str | None = typer.Option(None, "--metrics", help="Metrics the run computes, comma-separated."),
+    annotations: Path | None = typer.Option(None, "--annotations", help="Bounding boxes for localization metrics."),
+    force: bool = typer.Option(False, "--force", help="Plan as `xai explain --force` would (redo everything)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Plan at most N images."),
+    shard: str | None = typer.Option(None, "--shard", help="I/N: plan shard I of N."),
+    budget: float = typer.Option(
+        8.0, "--budget", min=0.0, help="Hours: warn (exit 1) when the estimated run time exceeds it."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object on stdout."),
+):
+    """Preflight: check model, weights, layers, labels and the expected cost, without running.
+
+    Builds the model and loads its weights (offline-aware: fails in seconds without network),
+    binds every method on one dummy forward (layers resolved and checked), reads the labels and
+    annotation files, and prints the plan: images to do and up to date, methods, and the expected
+    cost (each method's cost in forwards/backwards per image x one measured forward/backward).
+    Writes nothing. `xai explain --dry-run` prints the same, then the images.
+
+    Examples:
+
+      xai check --config configs/nightly.yaml
+
+      xai check -m integrated_gradients:n_steps=256 imgs/ --budget 2
+    """
+    from .config import build_config
+    from .preflight import preflight
+
+    overrides = {
+        "input": _inputs(inputs),
+        "methods": method,
+        "output": str(out) if out else None,
+        "model.name": model,
+        "model.weights": weights,
+        "model.layer": layer,
+        "target": target,
+        "device": device,
+        "metrics": metrics,
+        "annotations": str(annotations) if annotations else None,
+    }
+    cfg = build_config(config, overrides)
+    rep = preflight(cfg, force=force, limit=limit, shard=shard, budget_hours=budget)
+    if as_json:
+        _print_json(rep.to_json())
+    else:
+        _print_check(rep)
+    raise typer.Exit(rep.exit_code)
+
+
+def _print_check(rep) -> None:
+    from .preflight import human_seconds
+
+    console = Console(highlight=False)
+    t = Table(title="xai check", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("output", str(rep.out) + (" (holds another config's outputs)" if rep.replaces_config else ""))
+    t.add_row(
+        "images",
+        f"{rep.images} found, {rep.up_to_date} up to date, {rep.todo} to do"
+        + (f", {rep.ignored} non-image file(s) ignored" if rep.ignored else ""),
+    )
+    t.add_row(
+        "model",
+        f"{rep.model} on {rep.device}: {rep.classes} classes, input {rep.input_size[0]}x{rep.input_size[1]}, "
+        f"loaded in {rep.load_seconds:.1f} s",
+    )
+    t.add_row("measured", f"one image: forward {rep.forward_s * 1000:.1f} ms, backward {rep.backward_s * 1000:.1f} ms")
+    for m in rep.methods:
+        if m.error:
+            t.add_row(f"  {m.key}", f"[red]error[/]: {escape(m.error)}")
+            continue
+        per = (
+            f"{m.forwards:g} F + {m.backwards:g} B = {human_seconds(m.seconds_per_image)}/img"
+            if m.seconds_per_image is not None
+            else "cost unknown"
+        )
+        t.add_row(f"  {m.key}", escape(per + (f" (layer {m.layer})" if m.layer else "")))
+    if rep.labels and "class" in rep.labels:
+        t.add_row("target", escape(f"{rep.labels['class']} (class {rep.labels['index']})"))
+    elif rep.labels:
+        lb = rep.labels
+        t.add_row(
+            "labels", escape(f"{lb['file']}: {lb['listed']} listed, {lb['missing']} not (fallback: {lb['fallback']})")
+        )
+    if rep.annotations:
+        an = rep.annotations
+        t.add_row("annotations", escape(f"{an['file']}: boxes for {an['images_with_boxes']} of {an['images']} images"))
+    if rep.metrics:
+        t.add_row("metrics", ", ".join(rep.metrics) + " (not in the estimate)")
+    t.add_row(
+        "estimate",
+        f"{human_seconds(rep.estimate_seconds)} for {rep.todo} image(s) "
+        f"({human_seconds(rep.seconds_per_image)}/img; batch 1 timing, decoding and writing not included)",
+    )
+    console.print(t)
+    for w in rep.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    for e in rep.errors:
+        err_console.print(f"[bold red]error:[/] {escape(e)}", highlight=False)
+
+
+def _inputs(inputs: list[str] | None):
+    """None, one input (a string: the config hash of one input is unchanged) or a list."""
+    if not inputs:
+        return None
+    return inputs[0] if len(inputs) == 1 else list(inputs)
 
 
 def _print_json(doc: dict) -> None:
@@ -245,6 +421,8 @@ def _explain_json(s, rep) -> dict:
         "ignored": s.ignored,
         "seconds": round(s.seconds, 3),
         "method_seconds": {k: round(v, 3) for k, v in s.method_seconds.items()},
+        "metric_seconds": {k: round(v, 3) for k, v in s.metric_seconds.items()},
+        "maps": [str(p) for p in s.maps],
         "files": _files(s.out, rep),
     }
     if s.metrics is not None:
@@ -269,6 +447,8 @@ def _print_plan(s) -> None:
 
 
 def _print_summary(s) -> None:
+    from .progress import rate_text
+
     console = Console()
     t = Table(title="xai explain", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -282,11 +462,19 @@ def _print_summary(s) -> None:
         t.add_row("flagged maps", f"{s.flagged} (nonfinite/oom, see explanations.csv status)")
     if s.ignored:
         t.add_row("ignored", f"{s.ignored} non-image file(s)")
-    t.add_row("time", f"{s.seconds:.1f} s ({s.images_per_second:.2f} images/s)")
+    t.add_row("time", f"{s.seconds:.1f} s ({rate_text(s.images_per_second)})")
     for k, v in s.method_seconds.items():
-        t.add_row(f"  {k}", f"{v:.2f} s on the device")
+        t.add_row(f"  {k}", f"{v:.2f} s on the device" + _per_image(v, s.done))
+    for k, v in s.metric_seconds.items():
+        t.add_row(f"  metric {k}", f"{v:.2f} s on the device" + _per_image(v, s.done))
     t.add_row("outputs", str(s.out.resolve()))
+    for p in s.maps:
+        t.add_row("map", str(p))
     console.print(t)
+
+
+def _per_image(seconds: float, images: int) -> str:
+    return f" ({seconds / images:.1f} s/img)" if images and seconds / images >= 1 else ""
 
 
 EVALUATE_EXIT_HELP = (
@@ -559,6 +747,47 @@ def _registry_table(title: str, registry: dict) -> Table:
         )
         t.add_row(name, cls.description, params)
     return t
+
+
+EXAMPLES = ("example", "demo", "nightly", "lrp", "perturbation")
+
+
+def example_config(name: str) -> str:
+    """The text of a shipped example config (configs/NAME.yaml, in the wheel as xaicli/configs/)."""
+    from importlib import resources
+
+    if name not in EXAMPLES:
+        raise typer.BadParameter(f"'{name}' is not one of: {', '.join(EXAMPLES)}", param_hint="NAME")
+    places = []
+    try:
+        places.append(resources.files("xaicli.configs") / f"{name}.yaml")  # installed wheel
+    except ModuleNotFoundError:
+        pass
+    places.append(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")  # a checkout
+    for p in places:
+        if p.is_file():
+            return p.read_text(encoding="utf-8")
+    raise typer.BadParameter(f"the example config '{name}' is not installed", param_hint="NAME")
+
+
+@app.command()
+def init(
+    name: str = typer.Argument("example", help=f"Which example: {', '.join(EXAMPLES)}."),
+    inputs: str = typer.Option("imgs/", "--input", "-i", help="The `input:` to write."),
+    out: str = typer.Option("xai-out", "--out", "-o", help="The `output:` to write."),
+):
+    """Print a commented config to start from: `xai init > xai.yaml`, then `xai check -c xai.yaml`.
+
+    `example` lists every key with its allowed values; `demo`, `nightly`, `lrp` and `perturbation` are
+    the other shipped configs. The input and output paths are replaced by --input / --out.
+    """
+    import re
+
+    text = example_config(name)
+    text = re.sub(r"(?m)^(input:\n  path: )\S+", lambda m: m.group(1) + inputs, text)
+    text = re.sub(r"(?m)^(input: )\S+", lambda m: m.group(1) + inputs, text)
+    text = re.sub(r"(?m)^(output: )\S+", lambda m: m.group(1) + out, text)
+    sys.stdout.write(text)
 
 
 @app.command("metrics")

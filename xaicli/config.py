@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -36,7 +36,9 @@ class ModelCfg(_Strict):
 
 
 class InputCfg(_Strict):
-    path: str = Field(description="folder, glob pattern, image file, or .txt list of paths")
+    path: str | list[str] = Field(
+        description="folder, glob pattern, image file, or .txt list of paths; or a list of them"
+    )
     recursive: bool = True
 
 
@@ -55,10 +57,59 @@ class MetricCfg(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+def _split_top(s: str, sep: str = ",") -> list[str]:
+    """Split at `sep` outside brackets: 'a,b:mean=[1,2],c' -> ['a', 'b:mean=[1,2]', 'c']."""
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        if ch == sep and depth <= 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
+
+
+def parse_named_list(text: str) -> list:
+    """The command-line form of methods/metrics: 'gradcam,integrated_gradients:n_steps=32,baseline=blur'
+    -> ['gradcam', {name: integrated_gradients, n_steps: 32, baseline: blur}]. A `key=value` after
+    `name:` belongs to that name until the next bare name; values are read as YAML scalars or
+    flow lists (32, 0.5, true, [0.5, 0.5, 0.5]); `id=...` names the output folder."""
+    out: list = []
+    for tok in (t.strip() for t in _split_top(text)):
+        if not tok:
+            continue
+        name, colon, rest = tok.partition(":")
+        if "=" in name:  # another key=value of the previous method
+            if not out or not isinstance(out[-1], dict):
+                raise ValueError(f"'{tok}': a parameter needs a method before it (NAME:{tok})")
+            rest, name, colon = tok, None, True
+        elif colon:
+            out.append({"name": name.strip()})
+        else:
+            out.append(name.strip())
+            continue
+        for kv in (x.strip() for x in _split_top(rest, ",")):
+            if not kv:
+                continue
+            key, eq, val = kv.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"'{kv}': write parameters as key=value (e.g. n_steps=32)")
+            try:
+                value = yaml.safe_load(val) if val.strip() else ""
+            except yaml.YAMLError:
+                value = val
+            out[-1][key.strip()] = value
+    return out
+
+
 def _named_list(v):
-    """'a,b' | [a, {name: b, param: 1}] | {name: ...} -> [{name, (id,) params}, ...]."""
+    """'a,b' | 'a:k=v,k2=v2,b' | [a, {name: b, param: 1}] | {name: ...} -> [{name, (id,) params}, ...]."""
     if isinstance(v, str):
-        v = [s.strip() for s in v.split(",") if s.strip()]
+        v = parse_named_list(v)
     if isinstance(v, dict):
         v = [v]
     if not isinstance(v, list):
@@ -106,6 +157,8 @@ class RunConfig(_Strict):
     model: ModelCfg = Field(default_factory=ModelCfg)
     methods: list[MethodCfg] = Field(default_factory=lambda: [MethodCfg(name="gradcam")], min_length=1)
     target: str | int = "predicted"
+    # images a labels file does not list: `error` (errors.csv, exit 1) or `predicted` (explain the predicted class)
+    target_fallback: Literal["error", "predicted"] = "error"
     input: InputCfg | None = None
     output: str = Field(DEFAULT_OUT, min_length=1)
     device: str = "auto"
@@ -148,6 +201,10 @@ class RunConfig(_Strict):
     @field_validator("input", mode="before")
     @classmethod
     def _input_str(cls, v):
+        if isinstance(v, list | tuple):
+            if not v:
+                raise ValueError("an empty list of inputs")
+            return {"path": [str(x) for x in v] if len(v) > 1 else str(v[0])}
         return {"path": v} if isinstance(v, str | Path) else v
 
     @field_validator("methods", mode="before")
@@ -306,19 +363,27 @@ def _rebase(data: dict, base: Path) -> dict:
     def fix(v: str) -> str:
         return v if not v.strip() or Path(v).is_absolute() else str(base / v)
 
+    def fix_all(v):
+        return [fix(x) if isinstance(x, str) else x for x in v] if isinstance(v, list) else fix(v)
+
     d = dict(data)
-    if isinstance(d.get("input"), str):
-        d["input"] = fix(d["input"])
-    elif isinstance(d.get("input"), dict) and isinstance(d["input"].get("path"), str):
-        d["input"] = {**d["input"], "path": fix(d["input"]["path"])}
+    if isinstance(d.get("input"), str | list):
+        d["input"] = fix_all(d["input"])
+    elif isinstance(d.get("input"), dict) and isinstance(d["input"].get("path"), str | list):
+        d["input"] = {**d["input"], "path": fix_all(d["input"]["path"])}
     if isinstance(d.get("output"), str):
         d["output"] = fix(d["output"])
     if isinstance(d.get("annotations"), str):
         d["annotations"] = fix(d["annotations"])
-    if isinstance(d.get("target"), str) and d["target"] != "predicted" and not d["target"].strip().isdigit():
-        d["target"] = fix(d["target"])
+    t = d.get("target")
+    if isinstance(t, str) and t != "predicted" and not t.strip().isdigit():
+        if looks_like_file(t) or (base / t).exists():  # a labels file, else a class name
+            d["target"] = fix(t)
     if d.get("methods") is not None:
-        d["methods"] = _rebase_method_paths(_named_list(d["methods"]), fix)
+        try:
+            d["methods"] = _rebase_method_paths(_named_list(d["methods"]), fix)
+        except ValueError:  # a malformed 'a:k=v' string: validation says what is wrong
+            pass
     if isinstance(d.get("model"), dict):
         m = dict(d["model"])
         for k in ("class_names",):
@@ -374,8 +439,12 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
             data["model"] = m
         elif key == "metrics" and isinstance(val, str):
             # --metrics NAMES: the config's parameters for the names it lists, defaults for the others
-            by_name = {d["name"]: d for d in _named_list(data.get("metrics") or []) or [] if isinstance(d, dict)}
-            data["metrics"] = [by_name.get(d["name"], d) for d in _named_list(val)]
+            try:
+                by_name = {d["name"]: d for d in _named_list(data.get("metrics") or []) or [] if isinstance(d, dict)}
+                named = _named_list(val)
+            except ValueError as e:
+                raise ConfigError(f"--metrics: {e}") from None
+            data["metrics"] = [by_name.get(d["name"], d) if not d.get("params") else d for d in named]
         elif key == "against":
             data["metrics"] = with_against(data.get("metrics") or [], val)
         elif key == "concepts":
@@ -393,10 +462,18 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
     if cfg.input is None:
         raise ConfigError(f"{source}: no input: give a folder, glob or list file (argument or `input:` key)")
     if isinstance(cfg.target, str) and cfg.target != "predicted" and not Path(cfg.target).is_file():
-        raise ConfigError(
-            f"{source}: 'target': '{cfg.target}' is not 'predicted', a class index, or an existing labels file"
-        )
+        if looks_like_file(cfg.target):
+            raise ConfigError(
+                f"{source}: 'target': '{cfg.target}' is not 'predicted', a class index, a class name, "
+                "or an existing labels file"
+            )
+        # else a class name ('tiger cat'), checked against the model's names when it is loaded
     return cfg
+
+
+def looks_like_file(v: str) -> bool:
+    """A target value meant as a labels file rather than a class name ('tiger cat')."""
+    return "/" in v or "\\" in v or Path(v).suffix.lower() in (".csv", ".tsv", ".txt")
 
 
 def with_against(metrics, against: str) -> list:

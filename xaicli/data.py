@@ -45,6 +45,12 @@ def printable(s: str) -> str:
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def display_path(path: Path | str) -> str:
+    """A source path as the CSVs and the report show it: '..' and '.' folded away lexically
+    (`configs/../imgs/a.png` -> `imgs/a.png`), valid UTF-8."""
+    return printable(os.path.normpath(str(path)))
+
+
 def side_keys(rel: str, path: Path | str | None, root: Path | None = None) -> list[str]:
     """The names under which a side file (labels CSV, annotations) may list an image, in order of
     preference: its output key (relative path without extension), the relative path with its
@@ -101,8 +107,19 @@ def _keys(paths: list[Path], root: Path) -> list[ImageItem]:
     return out
 
 
-def discover(spec: str | Path, recursive: bool = True, extensions=IMAGE_EXTENSIONS) -> Discovery:
-    """Find the images a run should process, in a deterministic (sorted) order."""
+def discover(spec: str | Path | list, recursive: bool = True, extensions=IMAGE_EXTENSIONS) -> Discovery:
+    """Find the images a run should process, in a deterministic (sorted) order. A list of inputs
+    (`xai explain a.jpg b/ c.txt`, or a glob the shell expanded) is discovered one by one and keyed
+    relative to their common folder; a file named twice is done once."""
+    if isinstance(spec, list | tuple):
+        if len(spec) == 1:
+            return discover(spec[0], recursive, extensions)
+        if not spec:
+            raise InputError("input: no input given")
+        parts = [discover(one, recursive, extensions) for one in spec]
+        root = Path(os.path.commonpath([os.path.abspath(d.root) for d in parts]))
+        paths = sorted((it.path for d in parts for it in d.items), key=lambda q: os.path.abspath(q))
+        return Discovery(root, _keys(paths, root), sum(d.ignored for d in parts))
     s = str(spec)
     exts = tuple(e.lower() for e in extensions)
     if _has_glob(s) and not Path(s).exists():

@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .data import Batch, ImageItem, printable
+from .data import Batch, ImageItem, display_path
 from .methods.base import BoundMethod
 from .ops import Chunker
 
@@ -110,11 +110,18 @@ def plain_logits(model, x: Tensor, chunker: Chunker) -> Tensor:
 
 
 def explain_step(
-    methods: dict[str, BoundMethod], x: Tensor, target: Tensor | None, chunker: Chunker
+    methods: dict[str, BoundMethod],
+    x: Tensor,
+    target: Tensor | None,
+    chunker: Chunker,
+    on_method: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, MethodOutput]]:
-    """The pure batch step: (target [B], logits [B, C], {key: MethodOutput}) for a batch on the device."""
+    """The pure batch step: (target [B], logits [B, C], {key: MethodOutput}) for a batch on the device.
+    `on_method(i)` hears when the i-th method starts (inner progress)."""
     outputs, logits = {}, None
-    for key, bound in methods.items():
+    for i, (key, bound) in enumerate(methods.items()):
+        if on_method is not None:
+            on_method(i)
         sync(x.device)
         t0 = time.perf_counter()
         out, lg = run_method(key, bound, x, target, chunker)
@@ -208,4 +215,4 @@ class Engine:
 
 
 def error_row(it: ImageItem, reason: str) -> dict:
-    return {"image": it.rel, "path": printable(str(it.path)), "reason": reason}
+    return {"image": it.rel, "path": display_path(it.path), "reason": reason}

@@ -117,7 +117,11 @@ def _rediscover(folder: RunFolder, run_cfg: RunConfig, locate) -> dict[str, Path
     spec = run_cfg.input.path if run_cfg.input else root
     try:
         return {
-            it.rel: it.path for it in discover(locate(spec), run_cfg.input.recursive if run_cfg.input else True).items
+            it.rel: it.path
+            for it in discover(
+                [locate(x) for x in spec] if isinstance(spec, list) else locate(spec),
+                run_cfg.input.recursive if run_cfg.input else True,
+            ).items
         }
     except Exception:  # the input moved: every image without a path column is skipped
         return {}

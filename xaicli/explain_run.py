@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, dump_config
-from .data import Discovery, ImageDataset, ImageItem, discover, make_loader, side_keys
-from .engine import BatchResult, Engine, error_row, explain_step
+from .data import Discovery, ImageDataset, ImageItem, discover, display_path, make_loader, side_keys
+from .engine import BatchResult, Engine, error_row, explain_step, plain_logits
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from .methods.base import eval_mode, make_context
 from .metrics import build_metrics, load_annotations
 from .models import LoadedModel
 from .models.registry import load_model_cfg, resolve_device
 from .ops import Chunker
-from .outputs import explanation_fields, write_manifest, write_run_yaml
+from .outputs import explanation_fields, map_paths, write_manifest, write_run_yaml
+from .progress import InnerProgress
 from .reader import manifest_of
 from .sinks import ErrorSink, MapSink, MapStyle, MetricSink
 from .state import (
@@ -51,6 +52,8 @@ class RunSummary:
     flagged: int = 0  # (image, method) maps flagged nonfinite/oom in explanations.csv
     planned: list = field(default_factory=list)  # --dry-run: what would be done
     metrics: object | None = None  # sinks.EvalSummary when the run computed metrics (--metrics)
+    metric_seconds: dict[str, float] = field(default_factory=dict)  # device time per metric (--metrics)
+    maps: list[Path] = field(default_factory=list)  # a single-image run: the PNGs it wrote
 
     @property
     def exit_code(self) -> int:
@@ -100,6 +103,28 @@ def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str,
     return out
 
 
+def class_index(name: str, lm: LoadedModel) -> int:
+    """The index of a class given by name (exact, else case-insensitive); a ConfigError with the
+    closest names otherwise."""
+    names = lm.class_names
+    if name in names:
+        return names.index(name)
+    folded = [n.casefold() for n in names]
+    if name.strip().casefold() in folded:
+        return folded.index(name.strip().casefold())
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(repr(c) for c in close)}" if close else ""
+    raise ConfigError(
+        f"target: '{name}' is neither 'predicted', a class index, an existing labels file nor a class name "
+        f"of the model{hint}"
+    )
+
+
+PREDICTED = -1  # a target meaning "the predicted class" (labels file + target_fallback: predicted)
+
+
 class TargetOf:
     """Picklable `extra` for the dataset: the class to explain for item i (labels file or fixed)."""
 
@@ -120,9 +145,19 @@ def resolve_targets(cfg: RunConfig, disc: Discovery, lm: LoadedModel, work: list
         return work, [cfg.target] * len(work), []
     if cfg.target == "predicted":
         return work, None, []
+    if not Path(cfg.target).is_file():  # a class name: --target 'tiger cat'
+        return work, [class_index(cfg.target, lm)] * len(work), []
     labels = load_labels(cfg.target, disc, lm)
+    if cfg.target_fallback == "predicted":  # -1: the predicted class (filled in by the step)
+        return work, [labels.get(it.rel, PREDICTED) for it in work], []
     keep = [it for it in work if it.rel in labels]
-    missing = [error_row(it, f"no entry in the labels file {cfg.target}") for it in work if it.rel not in labels]
+    missing = [
+        error_row(
+            it, f"no entry in the labels file {cfg.target} (target_fallback: predicted explains the predicted class)"
+        )
+        for it in work
+        if it.rel not in labels
+    ]
     return keep, [labels[it.rel] for it in keep], missing
 
 
@@ -166,7 +201,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     trash = apply_plan(out, items, plan, todo, list(methods))
     resolved = {
         "device": str(device),
-        "input_root": str(disc.root),
+        "input_root": display_path(disc.root),
         "images": len(items),
         "shard": opts.shard,
         "layers": {k: b.resolved()["layer"] for k, b in methods.items() if "layer" in b.resolved()},
@@ -180,27 +215,50 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     sinks = _sinks(cfg, out, lm, ctx, methods, plan.keys, summary, log)
     dataset = ImageDataset(work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-    engine = Engine(_step(methods, chunker, work), sinks, device, progress, log)
-    status = "error"
+    engine = Engine(_step(methods, chunker, work, progress), sinks, device, progress, log)
+    status, reason = "error", None
     try:
         with eval_mode(lm.model):
             status = engine.run(loader, work, missing, total=len(work) + len(missing))
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except BaseException as e:  # the JSON log says why the run ended (the CLI prints one line too)
+        reason = f"{type(e).__name__}: {e}"[:1000]
+        raise
     finally:
         summary.seconds = time.perf_counter() - t_start
-        _finish(out, cfg, summary, sinks, status, chunker, log)
+        _finish(out, cfg, summary, sinks, status, chunker, log, reason)
+    if len(work) == 1 and summary.done:  # say where the picture is
+        for key, b in methods.items():
+            for name in b.spec.map_names or (None,):
+                png = map_paths(out, key, work[0].rel, name)[0]
+                if png.is_file():
+                    summary.maps.append(png)
     return summary
 
 
-def _step(methods: dict, chunker: Chunker, work: list[ImageItem]):
+def _step(methods: dict, chunker: Chunker, work: list[ImageItem], progress=None):
     def step(x, batch) -> BatchResult:
+        inner = InnerProgress(progress, len(batch.indices), len(methods)) if hasattr(progress, "partial") else None
+        chunker.on_chunk = inner.chunk if inner else None
+        try:
+            return _one_step(x, batch, inner)
+        finally:
+            chunker.on_chunk = None
+
+    def _one_step(x, batch, inner) -> BatchResult:
         target = batch.extra["target"].to(x.device) if "target" in batch.extra else None
-        tgt, logits, outputs = explain_step(methods, x, target, chunker)
+        if target is not None and bool((target == PREDICTED).any()):
+            target = torch.where(target == PREDICTED, plain_logits(_model(methods), x, chunker).argmax(dim=1), target)
+        tgt, logits, outputs = explain_step(methods, x, target, chunker, inner.method if inner else None)
         return BatchResult([work[i] for i in batch.indices], x, batch.origs, tgt, logits, outputs)
 
     return step
+
+
+def _model(methods: dict):
+    return next(iter(methods.values())).model
 
 
 def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
@@ -219,10 +277,12 @@ def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
     return sinks
 
 
-def _finish(out, cfg, summary, sinks, status, chunker, log) -> None:
+def _finish(out, cfg, summary, sinks, status, chunker, log, reason: str | None = None) -> None:
     metric_sink = next((s for s in sinks if isinstance(s, MetricSink)), None)
     if metric_sink is not None and metric_sink.result is not None:
         summary.metrics = metric_sink.result
+    if metric_sink is not None:
+        summary.metric_seconds = dict(metric_sink.seconds)
     if cfg.sheet and status == "done":
         from .report import write_sheets
 
@@ -236,4 +296,5 @@ def _finish(out, cfg, summary, sinks, status, chunker, log) -> None:
         up_to_date=summary.skipped,
         seconds=round(summary.seconds, 3),
         oom_backoffs=chunker.events,
+        **({"reason": reason} if reason else {}),
     )

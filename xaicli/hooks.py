@@ -224,3 +224,38 @@ def lrp_rules(model: nn.Module, composite) -> Iterator[nn.Module]:
         yield model
     finally:
         composite.remove()
+
+
+def _pick(out, index: int | str):
+    if isinstance(index, str):
+        return out[index] if isinstance(out, dict) else getattr(out, index)
+    return out[index]
+
+
+@contextmanager
+def select_output(model: nn.Module, index: int | str | None) -> Iterator[nn.Module]:
+    """Make `model(x)` return one element of what its forward returns (a tuple/list position, a
+    dict key or an attribute name such as `logits`), for models whose forward returns more than the
+    logits; None changes nothing. The hook is removed when the block exits."""
+    if index is None:
+        yield model
+        return
+    handle = model.register_forward_hook(lambda _m, _i, out: _pick(out, index))
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def describe_output(out) -> str | None:
+    """None when `out` is a logits tensor [B, C]; else what it is, for an error message."""
+    if isinstance(out, torch.Tensor):
+        return None if out.dim() == 2 else f"a tensor of shape {list(out.shape)}"
+    if isinstance(out, tuple | list):
+        parts = ", ".join(
+            f"[{i}] {list(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__}" for i, o in enumerate(out[:6])
+        )
+        return f"a {type(out).__name__} of {len(out)} ({parts})"
+    if isinstance(out, dict):
+        return f"a dict with keys {list(out)[:8]}"
+    return f"a {type(out).__name__}" + (" (it has .logits)" if hasattr(out, "logits") else "")

@@ -178,6 +178,9 @@ class Chunker:
         self.cap = cap  # an upper bound for every chunk (tests: cap=1 runs every loop item by item)
         self.events = 0
         self.on_event = on_event or (lambda *a, **k: None)
+        # on_chunk(key, done, n): inner-loop progress (announced with done=0 when a loop starts,
+        # then after each chunk); the run sets it while a batch's methods run (progress.InnerProgress)
+        self.on_chunk: Callable[[object, int, int], None] | None = None
 
     def _shrink(self, key: str, size: int, device) -> int:
         _free_cache(device)
@@ -191,6 +194,8 @@ class Chunker:
         """[fn(idx) for idx in chunks of range(n)], chunk <= size; halves on out-of-memory."""
         size = max(1, min(size, n, self.sizes.get(key, size), self.cap or size))
         out, start = [], 0
+        if self.on_chunk is not None:
+            self.on_chunk(key, 0, n)
         while start < n:
             idx = torch.arange(start, min(n, start + size), device=device)
             try:
@@ -201,6 +206,8 @@ class Chunker:
                 size = self._shrink(key, size, device)
                 continue
             start += len(idx)
+            if self.on_chunk is not None:
+                self.on_chunk(key, start, n)
         return out
 
     def split(self, key: str, n: int, fn: Callable[[int, int], object], device=None) -> list[tuple[object, int]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import printable
-from .engine import OK, BatchResult
+from .data import display_path
+from .engine import OK, BatchResult, sync
 from .outputs import (
     ERROR_FIELDS,
     METRIC_FIELDS,
@@ -167,11 +168,10 @@ class MapSink:
             "map_min": f"{float(m.min()):.6g}",
             "map_max": f"{float(m.max()):.6g}",
             "status": out.status[j],
-            "path": str(it.path),
+            "path": display_path(it.path),
             "size": size_mtime[0],
             "mtime_ns": size_mtime[1],
         }
-        row["path"] = printable(row["path"])
         for name, vals in out.extras.items():
             row[name] = f"{float(vals[j]):.6g}"
         return row
@@ -250,6 +250,7 @@ class MetricSink:
         self.curves: dict[tuple[str, str], list] = {}  # (metric, method) -> [sum, count, Curve]
         self.sanity_rows: list[dict] = []
         self.directions: dict[str, str] = {m.name: m.direction for m in metrics}
+        self.seconds: dict[str, float] = {m.name: 0.0 for m in metrics}  # device time per metric (the summary)
         self.result: EvalSummary | None = None
         if (self.out / PARTIAL).exists():
             _merge(self.out, read_csv(self.out / PARTIAL, METRIC_FIELDS), names=set(), replace_all=False)
@@ -266,8 +267,12 @@ class MetricSink:
             maps.update({f"{k}/{n}": o.maps[:, j] for j, n in enumerate(o.names)} if o.names else {k: o.maps})
         rows = []
         for metric in self.metrics:
+            sync(result.x.device)
+            t0 = time.perf_counter()
             for key, m in maps.items():
                 rows += self._one(metric, key, m, maps, result, boxes)
+            sync(result.x.device)
+            self.seconds[metric.name] += time.perf_counter() - t0
         self.rows.append(rows)
 
     def _boxes(self, result: BatchResult):

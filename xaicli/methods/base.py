@@ -202,13 +202,37 @@ def build_method(name: str, **params) -> MethodSpec:
     return build_registered(METHODS, "method", name, params, MethodError)
 
 
-def explain(model, x: Tensor, method: str | MethodSpec = "gradcam", target=None, **params) -> Tensor:
+def explain(
+    model, x: Tensor, method: str | MethodSpec = "gradcam", target=None, output_index: int | str | None = None, **params
+) -> Tensor:
     """Python API: maps [B, H, W] for a preprocessed batch `x` (on the model's device).
 
-    `model` is an nn.Module or the LoadedModel from `load_model`; `target` is None (predicted
-    class), an int, or a LongTensor [B]; `params` are the method's parameters.
+    `model` is an nn.Module or the LoadedModel from `load_model`; its forward must return the
+    logits [B, classes]; for a model that returns more (a tuple, a dict, an output object) name
+    the logits with `output_index` (a position such as 0, or a key/attribute such as "logits").
+    `target` is None (predicted class), an int, or a LongTensor [B]; `params` are the method's
+    parameters.
     """
+    from ..hooks import describe_output, select_output
+
     spec = method if isinstance(method, MethodSpec) else build_method(method, **params)
     ctx = make_context(model, tuple(x.shape[-2:]))
-    with eval_mode(ctx.model):
-        return spec.bind(ctx)(x, target).maps
+    with eval_mode(ctx.model), select_output(ctx.model, output_index):
+        try:
+            return spec.bind(ctx)(x, target).maps
+        except Exception as e:
+            with torch.no_grad():
+                try:
+                    what = describe_output(ctx.model(x[:1]))
+                except Exception:
+                    what = None
+            if what is None:
+                raise
+            hint = " (or pass output_index=... for a model that returns several outputs)"
+            if output_index is None:
+                hint = (
+                    ': pass output_index=0 (the position of the logits) or output_index="logits" (a key or attribute)'
+                )
+            raise MethodError(
+                f"the model's forward returned {what}; xaicli needs the logits, a tensor [B, classes]{hint}"
+            ) from e

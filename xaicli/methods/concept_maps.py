@@ -91,7 +91,7 @@ class ConceptMaps(MethodSpec):
     needs_layer = True
     path_params = ("concepts",)
     map_names: ClassVar[tuple[str, ...]] = concept_names(4)  # this instance's: concept_0 .. concept_{K-1}
-    cost = "F + NMF on the layer grid"
+    cost = "F (+ NMF on the layer grid, no backward)"
 
     def __post_init__(self):
         if not 1 <= self.k <= MAX_CONCEPTS:

@@ -54,11 +54,30 @@ class ModelAdapter:
         return self._default_layer
 
     def resolve_layer(self, name: str | None) -> str:
-        """The named layer (checked) or the default one."""
+        """The named layer (checked: a module whose output is a spatial map or tokens) or the default one."""
         if name is None:
             return self.default_layer()
         self.module(name)
+        shape = self._output_shapes.get(name)
+        if shape is not None and not (
+            (len(shape) == 4 and shape[-1] * shape[-2] > 1) or (len(shape) == 3 and shape[1] > 1)
+        ):
+            shown = ", ".join(dict.fromkeys([*self.candidate_layers()[-12:], self.default_layer()]))
+            raise MethodError(
+                f"layer '{name}' is not spatial: its output is {list(shape)}, and CAM-style methods need a "
+                f"[B,C,h,w] feature map or [B,N,D] tokens; candidates: {shown} (default: {self.default_layer()})"
+            )
         return name
+
+    @cached_property
+    def _output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{module name: output shape} from one dummy forward (modules the forward does not call are absent)."""
+        from .layers import _trace
+
+        try:
+            return {n: tuple(t.shape) for n, _m, t in _trace(self.model, self.input_size)}
+        except Exception:  # a model that cannot run the dummy input: the method's own forward will say
+            return {}
 
     def candidate_layers(self) -> list[str]:
         """Layers a user may name: timm's feature_info modules, else every spatial/token layer."""

@@ -102,11 +102,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(
-            f"model.weights: refused to load {p}: it is not a plain tensor checkpoint "
-            f"(weights_only=True rejected it: {first[:160]}). Save a state_dict, ideally as .safetensors"
-        ) from e
+        from .hub import pickle_refusal
+
+        raise ModelError(pickle_refusal(p, e)) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -144,8 +142,15 @@ def _build_torchvision(name: str, weights: str | None, num_classes: int | None) 
     kwargs = {}
     if num_classes is not None and w is None:
         kwargs["num_classes"] = num_classes
+    from .hub import offline_advice, offline_reason, stdout_to_stderr, torch_hub_cached
+
+    if w is not None and getattr(w, "url", None) and not torch_hub_cached(w.url):
+        reason = offline_reason("download.pytorch.org")  # fail in seconds, not after retries
+        if reason:
+            raise ModelError(f"model: torchvision:{name} ({w}): {offline_advice(reason)}")
     try:
-        model = builder(weights=w, **kwargs)
+        with stdout_to_stderr():  # torch.hub prints `Downloading: ...` on stdout (--json owns it)
+            model = builder(weights=w, **kwargs)
     except Exception as e:  # download failures come as URLError, OSError, RuntimeError...
         raise ModelError(
             f"model: could not get weights {w} for torchvision:{name} ({type(e).__name__}: {e}); {OFFLINE_HINT}"
@@ -164,16 +169,23 @@ def _timm_create(full: str, pretrained: bool, kwargs: dict) -> nn.Module:
         import huggingface_hub.constants as hf_constants
     except ImportError:  # pragma: no cover - timm depends on it
         return timm.create_model(full, pretrained=True, **kwargs)
+    from .hub import offline_advice, offline_reason, stdout_to_stderr
+
     was_offline = hf_constants.HF_HUB_OFFLINE
     hf_constants.HF_HUB_OFFLINE = True
     try:
-        return timm.create_model(full, pretrained=True, **kwargs)
+        with stdout_to_stderr():
+            return timm.create_model(full, pretrained=True, **kwargs)
     except Exception:
-        if was_offline:
-            raise
+        pass
     finally:
         hf_constants.HF_HUB_OFFLINE = was_offline
-    return timm.create_model(full, pretrained=True, **kwargs)
+    # not cached: without network huggingface_hub retries for about a minute; say so in seconds
+    reason = "HF_HUB_OFFLINE is set" if was_offline else offline_reason("huggingface.co")
+    if reason:
+        raise ModelError(f"model: timm:{full}: {offline_advice(reason)}")
+    with stdout_to_stderr():
+        return timm.create_model(full, pretrained=True, **kwargs)
 
 
 def _build_timm(name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
@@ -189,6 +201,8 @@ def _build_timm(name: str, weights: str | None, num_classes: int | None) -> tupl
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     try:
         model = _timm_create(full, pretrained, kwargs)
+    except ModelError:
+        raise
     except Exception as e:
         if not pretrained:
             raise ModelError(f"model: timm could not build {full}: {e}") from e

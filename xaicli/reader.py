@@ -76,9 +76,7 @@ class RunFolder:
 
     @property
     def methods(self) -> dict[str, tuple[str, ...]]:
-        from .methods import METHODS
-
-        return {m.key: tuple(METHODS[m.name].map_names) for m in self.config.methods}
+        return {key: tuple(spec.map_names) for key, spec in self.config.specs()}  # may depend on params
 
     # -- tables ----------------------------------------------------------------------------------
     def explanations(self) -> list[dict]:

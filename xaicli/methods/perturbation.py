@@ -223,7 +223,33 @@ def total_variation(m: Tensor, beta: float) -> Tensor:
     return dr + dc
 
 
+def blurred_disks(h: int, w: int, radii: list[float], sigma: float, device) -> Tensor:
+    """[R, 1, h, w]: a disk of each radius centred at (h // 2, w // 2), Gaussian-blurred (sigma)."""
+    yy = (torch.arange(h, device=device, dtype=torch.float32) - h // 2)[:, None]
+    xx = (torch.arange(w, device=device, dtype=torch.float32) - w // 2)[None, :]
+    r = torch.as_tensor(radii, device=device, dtype=torch.float32).view(-1, 1, 1, 1)
+    return gaussian_blur(((yy**2 + xx**2)[None, None] <= r**2).float(), sigma)
+
+
 class BoundMeaningful(BoundMethod):
+    def circle_init(self, xb: Tensor, nb: Tensor, tb: Tensor, scale: float) -> Tensor:
+        """`init: circle`, the start of the authors' Caffe script (generate_learned_mask) [n, 1, h, w]
+        (1 = keep): 1 - the smallest centred blurred disk
+        (radii 0, 5, ..., 170 px at 224, blur sigma 10) whose deletion brings the objective to
+        within 1 % of the largest disk's, (f_r - f_170) / (f(x) - f_170) < 0.01; the largest if none."""
+        h, w = xb.shape[-2:]
+        radii = [r * scale for r in range(0, 175, 5)]
+        keep = 1 - blurred_disks(h, w, radii, 10.0 * scale, xb.device)  # [R, 1, h, w]
+        with torch.no_grad():
+            f_x = self.objective(self.model(xb), tb).float()
+            f = torch.stack(
+                [self.objective(self.model(nb + k.to(xb.dtype) * (xb - nb)), tb).float() for k in keep], dim=1
+            )  # [n, R]
+        rel = (f - f[:, -1:]) / (f_x - f[:, -1])[:, None]
+        below = rel < 0.01
+        first = torch.where(below.any(dim=1), below.float().argmax(dim=1), torch.full_like(tb, len(radii) - 1))
+        return keep[first]
+
     def compute(self, x: Tensor, target: Tensor | None) -> Result:
         s = self.spec
         x = x.detach()
@@ -233,7 +259,9 @@ class BoundMeaningful(BoundMethod):
         null = substrate(self.ctx, s.name, x, "blur", blur_sigma=s.null_blur * scale)
         g = cpu_generator(s.seed)  # one jitter per iteration, shared by every image
         j = max(0, round(s.jitter * scale))
-        shifts = torch.randint(-j, j + 1, (s.iterations, 2), generator=g).tolist()
+        # the image (and its blurred copy) moves under the fixed mask by (dy, dx) in [0, j)^2: the
+        # official code crops a (224 + j)-px image at a random offset, the paper's x0(. - tau)
+        shifts = torch.randint(0, max(j, 1), (s.iterations, 2), generator=g).tolist()
         keep = torch.empty((b_sz, 1, h, w), dtype=torch.float32, device=x.device)
         final = torch.empty(b_sz, dtype=torch.float32, device=x.device)
 
@@ -245,17 +273,24 @@ class BoundMeaningful(BoundMethod):
             # initial mask is 1 + 1e-7 in places, where a plain clamp would freeze it forever
             return up + (up.clamp(0, 1) - up).detach()
 
+        def shifted(t: Tensor, dy: int, dx: int) -> Tensor:
+            if not (dy or dx):
+                return t
+            return F.pad(t, (0, dx, 0, dy), mode="replicate")[:, :, dy : dy + h, dx : dx + w]
+
         def optimise(idx: Tensor) -> None:
             xb, nb, tb = x[idx], null[idx], tgt[idx]
-            m = torch.ones((len(idx), 1, s.mask_size, s.mask_size), device=x.device, requires_grad=True)
+            if s.init == "circle":
+                start = F.interpolate(self.circle_init(xb, nb, tb, scale), size=(s.mask_size,) * 2, mode="nearest")
+            else:
+                start = torch.ones((len(idx), 1, s.mask_size, s.mask_size), device=x.device)
+            m = start.float().clone().requires_grad_(True)
             opt = torch.optim.Adam([m], lr=s.lr)
             with torch.enable_grad():
                 for dy, dx in shifts:
                     up = upsample(m).to(x.dtype)
-                    blend = nb + up * (xb - nb)
-                    if dy or dx:
-                        blend = torch.roll(blend, shifts=(dy, dx), dims=(2, 3))
-                    score = self.objective(self.model(blend), tb).float()
+                    xs, ns = shifted(xb, dy, dx), shifted(nb, dy, dx)
+                    score = self.objective(self.model(ns + up * (xs - ns)), tb).float()
                     loss = s.l1 * (1 - m).abs().sum(dim=(1, 2, 3)) + s.tv * total_variation(m, s.beta) + score
                     opt.zero_grad(set_to_none=True)
                     loss.sum().backward()  # a sum: each image's mask gets its own gradient (Adam is per element)
@@ -287,7 +322,8 @@ class MeaningfulPerturbation(MethodSpec):
     mask_size: int = 28  # the mask's side (224 / mask_scale 8), resized to the input
     mask_blur: float = 5.0  # sigma (px at 224) of the blur of the upsampled mask
     null_blur: float = 10.0  # sigma (px at 224) of the blurred image that replaces deleted pixels
-    jitter: int = 4  # max shift (px at 224) of the perturbed image per iteration
+    jitter: int = 4  # the image moves under the mask by 0..jitter-1 px (at 224) per axis, per iteration
+    init: Literal["ones", "circle"] = "ones"  # ones: keep everything; circle: the Caffe script's start (a deleted disk)
     objective: str = "prob"  # softmax probability, as the paper
     seed: int = 0
     internal_batch: int = 16  # images optimised together
@@ -297,7 +333,7 @@ class MeaningfulPerturbation(MethodSpec):
         "mp_prob": "objective (softmax probability) of the target on the final perturbed image",
         "mp_area": "fraction of the image the deletion mask removes (mean of 1 - m)",
     }
-    cost = "F + iterations x (F + B)"
+    cost = "F + iterations x (F + B) (+ 36 F with init: circle)"
     map_kind = "positive"  # the deletion mask, 1 = evidence
     contract_params: ClassVar[dict] = {"iterations": 6}  # 300 optimiser steps x 6 runs are too slow there
 

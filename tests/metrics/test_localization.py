@@ -196,3 +196,55 @@ def test_box_labels_are_read_and_checked_for_the_class_protocol(tmp_path):
     pre = Preprocess((224, 224), 256)
     assert ann.class_labels_in_input("p", None, (512, 1024), pre, (224, 224)) == [7]
     assert ann.boxes_in_input("p", None, (512, 1024), pre, (224, 224), "cpu").tolist() == [[50.0, 20.0, 60.0, 50.0]]
+
+
+@pytest.mark.slow
+def test_pointing_game_per_class_from_the_cli(samples_copy, tmp_path):
+    """End to end: labels from the annotation file reach the metric, an image whose boxes are all of
+    another class is not scored (nan), and metrics_summary.csv's mean is the mean over the classes
+    (target_class of explanations.csv) of the per-class hit rates of metrics.csv."""
+    import csv
+
+    from conftest import run_xai
+    from xaicli.metrics.localization import class_mean
+
+    for p in samples_copy.iterdir():
+        if p.name not in ("chelsea.png", "coffee.png", "astronaut.png"):
+            p.unlink()
+    (tmp_path / "labels.csv").write_text("image,class\nchelsea,281\ncoffee,281\nastronaut,967\n")
+    whole = [0, 0, 4000, 4000]  # covers the whole photo: a hit wherever the maximum is
+    ann = {
+        "chelsea": [{"box": whole, "label": 281}],
+        "coffee": [{"box": whole, "label": 5}],  # only another class's box: not scored per class
+        "astronaut": [{"box": [0, 0, 2, 2], "label": 967}, {"box": whole, "label": 3}],
+    }
+    (tmp_path / "boxes.json").write_text(json.dumps(ann))
+    for average in ("class", "image"):
+        cfg = tmp_path / f"{average}.yaml"
+        cfg.write_text(
+            f"methods: [gradcam]\ntarget: {tmp_path / 'labels.csv'}\nannotations: {tmp_path / 'boxes.json'}\n"
+            f"metrics:\n  - {{name: pointing-game, average: {average}}}\n"
+        )
+        out = tmp_path / average
+        r = run_xai("explain", "--config", cfg, samples_copy, "--out", out, "--workers", "0", "--quiet")
+        assert r.returncode == 0, r.stderr
+        with open(out / "metrics.csv", newline="") as f:
+            vals = {row["image"]: float(row["value"]) for row in csv.DictReader(f)}
+        with open(out / "explanations.csv", newline="") as f:
+            cls = {row["image"]: row["target_class"] for row in csv.DictReader(f)}
+        with open(out / "metrics_summary.csv", newline="") as f:
+            summ = next(row for row in csv.DictReader(f) if row["metric"] == "pointing-game")
+        assert cls == {"chelsea": "281", "coffee": "281", "astronaut": "967"}
+        assert vals["chelsea"] == 100.0
+        if average == "class":
+            assert math.isnan(vals["coffee"])  # its only box is class 5's
+            # astronaut's class-967 box lies in a corner outside the model's crop: it is dropped
+            # with its label, and the box left is class 3's
+            assert math.isnan(vals["astronaut"])
+            mean, _, _ = class_mean([(cls[i], v) for i, v in vals.items()])
+            assert float(summ["mean"]) == pytest.approx(mean) and int(summ["n"]) == sum(
+                math.isfinite(v) for v in vals.values()
+            )
+        else:
+            assert vals["coffee"] == 100.0 and vals["astronaut"] == 100.0  # any box counts
+            assert float(summ["mean"]) == pytest.approx(100.0)

@@ -426,6 +426,13 @@ def test_extremal_maps_and_columns_follow_the_areas():
     assert res.maps.shape == (2, 2, 16, 16) and (res.maps >= 0).all() and (res.maps <= 1).all()
     assert torch.allclose(res.extras["ep_area_0.05"], res.maps[:, 1].mean(dim=(1, 2)))
     assert ((res.extras["ep_prob_0.3"] >= 0) & (res.extras["ep_prob_0.3"] <= 1)).all()
+    # ep_prob_<a> is the target's probability on the image the returned mask preserves
+    from xaicli.methods.perturbation import apply_pyramid, blur_pyramid
+
+    pyr = blur_pyramid(x, 8, 20.0 * 16 / 224)
+    with torch.no_grad():
+        p = torch.softmax(model(apply_pyramid(pyr, res.maps[:, :1])), 1).gather(1, res.target[:, None])[:, 0]
+    assert torch.allclose(p, res.extras["ep_prob_0.3"], atol=1e-5)
 
 
 @pytest.mark.slow

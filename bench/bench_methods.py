@@ -42,6 +42,7 @@ BENCH_PARAMS = {
     "kernelshap": {"n_samples": 500},
     "gradientshap": {"n_samples": 16},
     "meaningful_perturbation": {"iterations": 50},
+    "extremal_perturbation": {"iterations": 50},  # x 3 areas: 150 F + 150 B per image
 }
 # the LRP family is timed next to saliency (F + B) by default
 LRP_METHODS = ("saliency", "lrp", "clrp", "sglrp", "relevance_cam")

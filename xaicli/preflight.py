@@ -150,11 +150,16 @@ class _FB:
 
 
 def _numbers(spec: MethodSpec) -> dict[str, float]:
-    return {
-        f.name: float(getattr(spec, f.name))
-        for f in spec.params()
-        if isinstance(getattr(spec, f.name), int | float) and not isinstance(getattr(spec, f.name), bool)
-    }
+    """The spec's numeric parameters by name, and `n_<name>` = the length of each list parameter
+    (extremal perturbation's cost counts its `areas`)."""
+    out: dict[str, float] = {}
+    for f in spec.params():
+        v = getattr(spec, f.name)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out[f.name] = float(v)
+        elif isinstance(v, list | tuple):
+            out[f"n_{f.name}"] = float(len(v))
+    return out
 
 
 def cost_of(spec: MethodSpec, known: dict[str, float] | None = None) -> tuple[float, float]:

@@ -76,7 +76,7 @@ class RunFolder:
 
     @property
     def methods(self) -> dict[str, tuple[str, ...]]:
-        return {key: tuple(spec.map_names) for key, spec in self.config.specs()}
+        return {key: tuple(spec.map_names) for key, spec in self.config.specs()}  # may depend on params
 
     # -- tables ----------------------------------------------------------------------------------
     def explanations(self) -> list[dict]:

@@ -261,7 +261,7 @@ class MetricSink:
         pass
 
     def consume(self, result: BatchResult) -> None:
-        boxes = self._boxes(result)
+        boxes, labels = self._boxes(result)
         maps = {}  # a method with K named maps is scored per map, as "<method>/<name>"
         for k, o in result.outputs.items():
             maps.update({f"{k}/{n}": o.maps[:, j] for j, n in enumerate(o.names)} if o.names else {k: o.maps})
@@ -270,22 +270,23 @@ class MetricSink:
             sync(result.x.device)
             t0 = time.perf_counter()
             for key, m in maps.items():
-                rows += self._one(metric, key, m, maps, result, boxes)
+                rows += self._one(metric, key, m, maps, result, boxes, labels)
             sync(result.x.device)
             self.seconds[metric.name] += time.perf_counter() - t0
         self.rows.append(rows)
 
     def _boxes(self, result: BatchResult):
+        """(boxes, their class labels) per image of the batch, or (None, None) without annotations."""
         if self.annotations is None:
-            return None
+            return None, None
         pre, hw, dev = self.ctx.preprocess, tuple(result.x.shape[-2:]), result.x.device
         sizes = [(int(o.shape[1]), int(o.shape[0])) for o in result.origs]
-        return [
-            self.annotations.boxes_in_input(it.rel, it.path, size, pre, hw, dev)
-            for it, size in zip(result.items, sizes, strict=True)
-        ]
+        pairs = list(zip(result.items, sizes, strict=True))
+        boxes = [self.annotations.boxes_in_input(it.rel, it.path, size, pre, hw, dev) for it, size in pairs]
+        labels = [self.annotations.class_labels_in_input(it.rel, it.path, size, pre, hw) for it, size in pairs]
+        return boxes, labels
 
-    def _one(self, metric, key: str, m, maps: dict, result: BatchResult, boxes) -> list[dict]:
+    def _one(self, metric, key: str, m, maps: dict, result: BatchResult, boxes, labels=None) -> list[dict]:
         extras, sel = {}, list(range(len(result.items)))
         if "reference" in metric.needs:
             if key == metric.against:
@@ -298,6 +299,7 @@ class MetricSink:
         if "boxes" in metric.needs:
             sel = [j for j, b in enumerate(boxes) if b is not None and len(b)]
             extras["boxes"] = [boxes[j] for j in sel]
+            extras["box_labels"] = [labels[j] for j in sel]  # class index per box (None: unlabelled)
         if not sel:
             return []
         idx = torch.tensor(sel, device=result.x.device)
@@ -329,6 +331,9 @@ class MetricSink:
         all_rows = _merge(self.out, new, names, replace_all=self.replace_all and status == "done")
         (self.out / PARTIAL).unlink(missing_ok=True)
         summary = summarize(all_rows)
+        per_class = {m.name for m in self.metrics if getattr(m, "average", "image") == "class"}
+        if per_class:
+            summary = class_averaged(self.out, all_rows, summary, per_class)
         write_csv(self.out / "metrics_summary.csv", SUMMARY_FIELDS, summary)
         write_csv(
             self.out / "metrics_summary_by_class.csv", CLASS_SUMMARY_FIELDS, summarize_by_class(self.out, all_rows)
@@ -394,6 +399,29 @@ def summarize(rows: list[dict]) -> list[dict]:
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0 if n else float("nan")
         out.append({"method": method, "metric": metric, "mean": _fmt(mean), "std": _fmt(std), "n": n})
     return out
+
+
+def class_averaged(out: Path, rows: list[dict], summary: list[dict], metrics: set[str]) -> list[dict]:
+    """The summary with the mean of `metrics` taken over classes (TorchRay's pointing game): each
+    image counts for the class its map explains (target_class of explanations.csv); mean = the
+    mean of the per-class means, std = their std, n = the images scored."""
+    from .metrics.localization import class_mean
+
+    cls = {r["image"]: (r.get("target_class") or "").strip() for r in read_csv(out / "explanations.csv")}
+    out_rows = []
+    for s in summary:
+        if s["metric"] in metrics:
+            vals = []
+            for r in rows:
+                if r["metric"] == s["metric"] and r["method"] == s["method"] and cls.get(r["image"]):
+                    try:
+                        vals.append((cls[r["image"]], float(r["value"])))
+                    except (TypeError, ValueError):
+                        continue
+            mean, std, _ = class_mean(vals)
+            s = {**s, "mean": _fmt(mean), "std": _fmt(std), "n": sum(math.isfinite(v) for _, v in vals)}
+        out_rows.append(s)
+    return out_rows
 
 
 def summarize_by_class(out: Path, rows: list[dict]) -> list[dict]:

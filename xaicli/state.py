@@ -140,7 +140,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
     if force or other:
         return Plan(list(range(len(items))), replace_config=other, keys=keys, previous=prev)
     methods = [m.key for m in cfg.methods]
-    names = {key: spec.map_names or (None,) for key, spec in cfg.specs()}  # a spec's own (concept_maps: K of its file)
+    names = {key: spec.map_names or (None,) for key, spec in cfg.specs()}  # a spec's names may depend on its params (extremal areas, concept_maps' K)
     done: dict[tuple[str, str], dict] = {}
     for r in read_csv(out / "explanations.csv", CORE_FIELDS):
         if _valid(r, CORE_FIELDS):

@@ -75,17 +75,26 @@ def test_perturbation_and_shapley_methods_from_the_cli(samples_copy, tmp_path):
         "  - {name: kernelshap, n_segments: 16, n_samples: 24, internal_batch: 24}\n"
         "  - {name: gradientshap, n_samples: 2}\n"
         "  - {name: meaningful_perturbation, iterations: 2}\n"
+        "  - {name: extremal_perturbation, iterations: 2, areas: [0.1, 0.25]}\n"
     )
     out = tmp_path / "out"
     r = run_xai("explain", "--config", cfg, samples_copy, "--out", out, "-b", "2", "--workers", "0", "--quiet")
     assert r.returncode == 0, r.stderr
     table = rows(out / "explanations.csv")
-    names = {"occlusion", "rise", "kernelshap", "gradientshap", "meaningful_perturbation"}
-    assert {r["method"] for r in table} == names and len(table) == 10
+    names = {"occlusion", "rise", "kernelshap", "gradientshap", "meaningful_perturbation", "extremal_perturbation"}
+    assert {r["method"] for r in table} == names and len(table) == 12
     for r in table:
         assert r["status"] == "ok", r
         assert (r["efficiency_gap"] != "") == (r["method"] in ("kernelshap", "gradientshap"))
         assert (r["mp_area"] != "") == (r["method"] == "meaningful_perturbation")
+        if r["method"] == "extremal_perturbation":  # one map per area, named by the config's areas
+            assert 0 <= float(r["ep_prob_0.1"]) <= 1 and 0 <= float(r["ep_area_0.25"]) <= 1
+            assert "ep_prob_0.05" not in r  # the columns follow the config's areas, not the defaults
+            for name in ("area_0.1", "area_0.25"):
+                m = np.load(out / r["method"] / r["image"] / f"{name}.npy")
+                assert m.shape == (224, 224) and ((m >= 0) & (m <= 1)).all()
+                assert (out / r["method"] / r["image"] / f"{name}.png").is_file()
+            continue
         m = np.load(out / r["method"] / f"{r['image']}.npy")
         assert m.shape == (224, 224) and np.isfinite(m).all()
         assert (out / r["method"] / f"{r['image']}.png").is_file()

@@ -320,10 +320,13 @@ def test_meaningful_perturbation_mask_resizes_to_small_inputs_and_reports_extras
 def test_meaningful_perturbation_on_coffee_deletes_the_espresso(default_model):
     """Blurring the deleted region (deletion mask > 0.5) at least halves the espresso probability.
 
-    40 iterations (not 300) keep it CPU-feasible. Measured (CPU, official lambdas): after 40
-    iterations the region is 51 % of the image and its blur leaves p = 0.004 (from 0.95); after 100
-    iterations it is still 50 %. The issue's "under 40 % of the image" does NOT hold at these
-    iteration counts (300 not measured on this machine), so the area bound here is 60 %.
+    40 iterations (not 300) keep it CPU-feasible. Measured (CPU, official lambdas, image jittered
+    under the mask): the region is 54 % of the model input after 40 iterations (p 0.95 -> 0.003),
+    47 % after 100 (p 0.015), 44 % after the official 300 (p 0.014). The issue's "under 40 % of the
+    image" does NOT hold on the model input at any of these; coffee.png's 224-px input is its
+    central 350 x 350 px, 51 % of the 600 x 400 photo, so the same regions are 27 %, 24 % and 22 %
+    of the photo. The core (deletion > 0.75) is 23-25 % of the input and its blur leaves p <= 0.09.
+    With the Caffe script's start (`init: circle`) the region is 94 % after 300 iterations.
     """
     from xaicli.images import load_image
     from xaicli.ops import gaussian_blur
@@ -335,11 +338,120 @@ def test_meaningful_perturbation_on_coffee_deletes_the_espresso(default_model):
     espresso = 967
     assert int(p0.argmax()) == espresso
     res = build_method("meaningful_perturbation", iterations=40).bind(ctx)(x, espresso)
+
+    def blurred_p(region):
+        with torch.no_grad():
+            out = default_model.model(x * (1 - region) + gaussian_blur(x, 10.0) * region)
+        return float(torch.softmax(out, 1)[0, espresso])
+
     region = (res.maps > 0.5).float()[:, None]
-    area = float(region.mean())
-    blurred = x * (1 - region) + gaussian_blur(x, 10.0) * region
-    with torch.no_grad():
-        p1 = float(torch.softmax(default_model.model(blurred), 1)[0, espresso])
+    area, p1 = float(region.mean()), blurred_p(region)
     assert area < 0.6, area
     assert p1 <= 0.5 * float(p0[espresso]), (float(p0[espresso]), p1, area)
     assert float(res.extras["mp_prob"][0]) < 0.5 * float(p0[espresso])
+    core = (res.maps > 0.75).float()[:, None]
+    assert float(core.mean()) < 0.4 and blurred_p(core) <= 0.5 * float(p0[espresso])
+
+
+# --------------------------------------------------------------------------------------------
+# extremal perturbation
+# --------------------------------------------------------------------------------------------
+def per_pixel_smooth_mask(p: torch.Tensor, step: int, sigma: float, radius: int, coldness: float, h: int, w: int):
+    """The paper's m(u) = smax_v k(|u - c_v| / sigma) p_v at pixel u, one pixel at a time. p: [gh, gw]."""
+    gh, gw = p.shape
+    out = torch.empty(h, w)
+    for y in range(h):
+        for x in range(w):
+            vals = []
+            for vy in range(y // step - radius, y // step + radius + 1):
+                for vx in range(x // step - radius, x // step + radius + 1):
+                    pv = float(p[vy, vx]) if 0 <= vy < gh and 0 <= vx < gw else 0.0
+                    d = math.hypot(y - (step * vy + (step - 1) / 2), x - (step * vx + (step - 1) / 2))
+                    vals.append(math.exp(-2 * max(0.0, d / sigma - 0.5) ** 2) * pv)
+            v = torch.tensor(vals)
+            out[y, x] = (v * torch.softmax(coldness * v, 0)).sum()
+    return out
+
+
+def test_extremal_smooth_mask_matches_the_per_pixel_definition():
+    from xaicli.methods.perturbation import smooth_kernel, smooth_mask
+
+    step, sigma, coldness = 7, 21.0, 20.0
+    radius = 1 + math.ceil(sigma / step)
+    p = torch.zeros(6, 6)
+    p[2, 3] = 1.0  # one kept parameter: a smooth blob of value ~1 around its cell
+    p[4, 1] = 0.6
+    kernel = smooth_kernel(6 * step, 6 * step, step, sigma, radius, "cpu")
+    got = smooth_mask(p[None, None], kernel, step, radius, coldness, (40, 42))
+    want = per_pixel_smooth_mask(p, step, sigma, radius, coldness, 40, 42)
+    assert got.shape == (1, 1, 40, 42)
+    assert torch.allclose(got[0, 0], want, atol=1e-5)
+    assert float(want.max()) > 0.99 and float(want.min()) >= 0
+    sharp = smooth_mask(p[None, None], kernel, step, radius, 1e4, (40, 42))[0, 0]  # T -> inf: the max
+    assert float(sharp[2 * step + 3, 3 * step + 3]) == pytest.approx(1.0) and float(sharp[0, 0]) > float(
+        got[0, 0, 0, 0]
+    )
+
+
+def test_extremal_blur_perturbation_interpolates_the_pyramid_levels():
+    from xaicli.methods.perturbation import apply_pyramid, blur_pyramid
+    from xaicli.ops import gaussian_blur
+
+    x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    pyr = blur_pyramid(x, 8, 4.0)
+    assert torch.equal(pyr[:, -1], x) and torch.allclose(pyr[:, 0], gaussian_blur(x, 4.0))
+    ones, zeros = torch.ones(1, 1, 24, 24), torch.zeros(1, 1, 24, 24)
+    assert torch.allclose(apply_pyramid(pyr, ones), x, atol=1e-6)  # m = 1: the image itself
+    assert torch.allclose(apply_pyramid(pyr, zeros), pyr[:, 0])  # m = 0: the strongest blur
+    half = apply_pyramid(pyr, torch.full((1, 1, 24, 24), 0.5))  # level 3.5: halfway between 3 and 4
+    assert torch.allclose(half, 0.5 * (pyr[:, 3] + pyr[:, 4]), atol=1e-6)
+    m = ones.clone().requires_grad_(True)  # a fully kept pixel still gets a gradient (towards level 6)
+    apply_pyramid(pyr, m).sum().backward()
+    assert torch.allclose(m.grad[0, 0], 7 * (pyr[0, 7] - pyr[0, 6]).sum(0), atol=1e-4)
+
+
+def test_extremal_maps_and_columns_follow_the_areas():
+    from xaicli.methods.perturbation import ExtremalPerturbation
+
+    spec = build_method("extremal_perturbation", areas=[0.3, 0.05])
+    assert spec.map_names == ("area_0.3", "area_0.05")
+    assert set(spec.extras) == {"ep_prob_0.3", "ep_area_0.3", "ep_prob_0.05", "ep_area_0.05"}
+    assert ExtremalPerturbation.map_names == ("area_0.05", "area_0.1", "area_0.2")  # the defaults' names
+    for bad, msg in (([], "non-empty"), ([0.1, 1.0], "in \\(0, 1\\)"), ([0.1, 0.1], "distinct")):
+        with pytest.raises(MethodError, match=msg):
+            build_method("extremal_perturbation", areas=bad)
+    model = TinyCNN(width=8).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(12))
+    res = run("extremal_perturbation", model, x, iterations=3, areas=[0.3, 0.05])
+    assert res.maps.shape == (2, 2, 16, 16) and (res.maps >= 0).all() and (res.maps <= 1).all()
+    assert torch.allclose(res.extras["ep_area_0.05"], res.maps[:, 1].mean(dim=(1, 2)))
+    assert ((res.extras["ep_prob_0.3"] >= 0) & (res.extras["ep_prob_0.3"] <= 1)).all()
+    # ep_prob_<a> is the target's probability on the image the returned mask preserves
+    from xaicli.methods.perturbation import apply_pyramid, blur_pyramid
+
+    pyr = blur_pyramid(x, 8, 20.0 * 16 / 224)
+    with torch.no_grad():
+        p = torch.softmax(model(apply_pyramid(pyr, res.maps[:, :1])), 1).gather(1, res.target[:, None])[:, 0]
+    assert torch.allclose(p, res.extras["ep_prob_0.3"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_extremal_perturbation_keeps_the_known_square():
+    """The paper's defaults (800 iterations, step 7, sigma 21, blur 20, at 224 px and scaled to
+    64 px) except jitter: the horizontal flip assumes a flip-invariant classifier, which SquareNet
+    (it reads one place) is not. Measured: the area-0.03 mask (half the square's area) has 93 % of
+    its mass inside the square; the area-0.1 mask (larger than the square) covers all of it. Masks
+    of the square's own area leak over its edges (76 % inside: a smooth mask cannot be a square;
+    docs/methods.md)."""
+    x = square_images(1)
+    res = run(
+        "extremal_perturbation", SquareNet(), x, torch.zeros(1, dtype=torch.long), jitter=False, areas=[0.03, 0.1]
+    )
+    m = res.maps[0]
+    inside = m[:, SQ[0], SQ[1]].sum(dim=(1, 2)) / m.sum(dim=(1, 2))
+    assert float(inside[0]) >= 0.9, inside.tolist()
+    assert float(m[1, SQ[0], SQ[1]].mean()) > 0.9  # the larger mask keeps the whole square
+    assert abs(float(res.extras["ep_area_0.03"]) - 0.03) < 0.01 and abs(float(res.extras["ep_area_0.1"]) - 0.1) < 0.02
+    assert float(res.extras["ep_prob_0.1"]) > 0.9  # sigmoid(2) = 0.88 with the square intact
+    peak = m[0].flatten().argmax()
+    assert SQ[0].start <= int(peak) // N < SQ[0].stop and SQ[1].start <= int(peak) % N < SQ[1].stop

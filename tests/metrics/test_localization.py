@@ -1,6 +1,8 @@
-"""Pointing game (15 px tolerance), energy pointing (x/y not swapped), box IoU, annotation files."""
+"""Pointing game (15 px tolerance, per-class protocol), energy pointing (x/y not swapped), box IoU,
+annotation files (with class labels)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -112,3 +114,137 @@ def test_annotation_files(tmp_path):
     (tmp_path / "inv.csv").write_text("image,x1,y1,x2,y2\na,10,10,5,20\n")
     with pytest.raises(ConfigError, match="x2 > x1"):
         Annotations.load(tmp_path / "inv.csv")
+
+
+# --------------------------------------------------------------------------------------------
+# pointing game: TorchRay's per-class protocol (average: class)
+# --------------------------------------------------------------------------------------------
+def peaked_maps(points):
+    maps = torch.zeros(len(points), 32, 32)
+    for i, (r, c) in enumerate(points):
+        maps[i, r, c] = 1.0
+    return maps
+
+
+def test_pointing_game_per_class_protocol_by_hand():
+    """Four images; maps peak at (row, col) below; tolerance 0. Image 2 (class 1) has a box around
+    its peak labelled 2 and a far box labelled 1: averaged over images it is a hit (any box), under
+    the per-class protocol a miss (only class 1's box counts). Image 4 (class 3) has only a box of
+    class 1: not scored (nan) per class.
+        image average (any box):       (100 + 100 + 100 + 0) / 4 = 75
+        per class:  class 1: (100 + 100 + 0) / 3 = 66.7;  class 2: 0 / 1 = 0;  mean = 33.3"""
+    from xaicli.metrics.localization import PointingGame, class_mean
+
+    maps = peaked_maps([(5, 5), (10, 10), (20, 20), (3, 3), (8, 8)])
+    target = torch.tensor([1, 1, 1, 2, 3])
+    around = lambda r, c: [c, r, c + 1, r + 1]  # noqa: E731  (x1, y1, x2, y2) of one pixel
+    boxes = [
+        torch.tensor([around(5, 5)], dtype=torch.float32),
+        torch.tensor([around(10, 10)], dtype=torch.float32),
+        torch.tensor([around(20, 20), around(0, 30)], dtype=torch.float32),
+        torch.tensor([around(28, 28)], dtype=torch.float32),
+        torch.tensor([around(8, 8)], dtype=torch.float32),
+    ]
+    labels = [[1], [None], [2, 1], [2], [1]]  # image 1's box is unlabelled: it counts for its class
+    model = torch.nn.Identity()
+    img = PointingGame(tolerance=0.0)(model, torch.zeros(5, 3, 32, 32), maps, target, boxes=boxes, box_labels=labels)
+    assert img["pointing-game"].tolist() == [100.0, 100.0, 100.0, 0.0, 100.0]  # labels ignored
+    per = PointingGame(tolerance=0.0, average="class")(
+        model, torch.zeros(5, 3, 32, 32), maps, target, boxes=boxes, box_labels=labels
+    )
+    v = per["pointing-game"].tolist()
+    assert v[:4] == [100.0, 100.0, 0.0, 0.0] and math.isnan(v[4])
+    pairs = [(str(int(t)), x) for t, x in zip(target, v, strict=True)]
+    mean, std, k = class_mean(pairs[:4] + pairs[4:])
+    assert k == 2 and mean == pytest.approx((200 / 3 + 0) / 2) and std == pytest.approx(math.sqrt(2) * 100 / 3)
+    assert sum(v[:4]) / 4 == 50.0 and sum(img["pointing-game"].tolist()[:4]) / 4 == 75.0  # the image means
+
+
+def test_class_averaged_summary_uses_the_explained_class(tmp_path):
+    from xaicli.sinks import class_averaged, summarize
+
+    (tmp_path / "explanations.csv").write_text(
+        "image,method,target_class,status\na,m,1,ok\nb,m,1,ok\nc,m,1,ok\nd,m,2,ok\ne,m,3,ok\n"
+    )
+    vals = {"a": "100", "b": "100", "c": "0", "d": "0", "e": "nan"}
+    rows = [{"image": i, "method": "m", "metric": "pointing-game", "value": v} for i, v in vals.items()]
+    rows.append({"image": "a", "method": "m", "metric": "energy-pointing", "value": "0.5"})
+    summary = summarize(rows)
+    out = {r["metric"]: r for r in class_averaged(tmp_path, rows, summary, {"pointing-game"})}
+    assert float(out["pointing-game"]["mean"]) == pytest.approx(100 / 3) and out["pointing-game"]["n"] == 4
+    assert float({r["metric"]: r for r in summary}["pointing-game"]["mean"]) == 50.0  # over images
+    assert out["energy-pointing"] == {r["metric"]: r for r in summary}["energy-pointing"]  # untouched
+
+
+def test_box_labels_are_read_and_checked_for_the_class_protocol(tmp_path):
+    from xaicli.metrics import load_annotations
+
+    (tmp_path / "b.csv").write_text("image,x1,y1,x2,y2,class\na,0,0,10,10,967\na,5,5,20,20,\n")
+    (tmp_path / "b.json").write_text(json.dumps({"a": [{"box": [0, 0, 10, 10], "label": 285}, [1, 1, 5, 5]]}))
+    (tmp_path / "n.csv").write_text("image,x1,y1,x2,y2,label\na,0,0,10,10,cat\n")
+    per_class = [build_metric("pointing-game", average="class")]
+    assert load_annotations(tmp_path / "b.csv", per_class).lookup_labels("a", None) == ["967", None]
+    assert load_annotations(tmp_path / "b.json", per_class).lookup_labels("a", None) == ["285", None]
+    assert load_annotations(tmp_path / "n.csv", [build_metric("pointing-game")]).lookup_labels("a", None) == ["cat"]
+    with pytest.raises(ConfigError, match="'cat' is not a class index"):
+        load_annotations(tmp_path / "n.csv", per_class)
+    with pytest.raises(ConfigError):
+        build_metric("pointing-game", average="classes")
+    # labels follow their boxes through the crop: a box outside the model input goes with its label
+    (tmp_path / "c.csv").write_text("image,x1,y1,x2,y2,label\np,132,328,152,388,7\np,0,0,10,10,8\n")
+    ann = load_annotations(tmp_path / "c.csv", per_class)
+    pre = Preprocess((224, 224), 256)
+    assert ann.class_labels_in_input("p", None, (512, 1024), pre, (224, 224)) == [7]
+    assert ann.boxes_in_input("p", None, (512, 1024), pre, (224, 224), "cpu").tolist() == [[50.0, 20.0, 60.0, 50.0]]
+
+
+@pytest.mark.slow
+def test_pointing_game_per_class_from_the_cli(samples_copy, tmp_path):
+    """End to end: labels from the annotation file reach the metric, an image whose boxes are all of
+    another class is not scored (nan), and metrics_summary.csv's mean is the mean over the classes
+    (target_class of explanations.csv) of the per-class hit rates of metrics.csv."""
+    import csv
+
+    from conftest import run_xai
+    from xaicli.metrics.localization import class_mean
+
+    for p in samples_copy.iterdir():
+        if p.name not in ("chelsea.png", "coffee.png", "astronaut.png"):
+            p.unlink()
+    (tmp_path / "labels.csv").write_text("image,class\nchelsea,281\ncoffee,281\nastronaut,967\n")
+    whole = [0, 0, 4000, 4000]  # covers the whole photo: a hit wherever the maximum is
+    ann = {
+        "chelsea": [{"box": whole, "label": 281}],
+        "coffee": [{"box": whole, "label": 5}],  # only another class's box: not scored per class
+        "astronaut": [{"box": [0, 0, 2, 2], "label": 967}, {"box": whole, "label": 3}],
+    }
+    (tmp_path / "boxes.json").write_text(json.dumps(ann))
+    for average in ("class", "image"):
+        cfg = tmp_path / f"{average}.yaml"
+        cfg.write_text(
+            f"methods: [gradcam]\ntarget: {tmp_path / 'labels.csv'}\nannotations: {tmp_path / 'boxes.json'}\n"
+            f"metrics:\n  - {{name: pointing-game, average: {average}}}\n"
+        )
+        out = tmp_path / average
+        r = run_xai("explain", "--config", cfg, samples_copy, "--out", out, "--workers", "0", "--quiet")
+        assert r.returncode == 0, r.stderr
+        with open(out / "metrics.csv", newline="") as f:
+            vals = {row["image"]: float(row["value"]) for row in csv.DictReader(f)}
+        with open(out / "explanations.csv", newline="") as f:
+            cls = {row["image"]: row["target_class"] for row in csv.DictReader(f)}
+        with open(out / "metrics_summary.csv", newline="") as f:
+            summ = next(row for row in csv.DictReader(f) if row["metric"] == "pointing-game")
+        assert cls == {"chelsea": "281", "coffee": "281", "astronaut": "967"}
+        assert vals["chelsea"] == 100.0
+        if average == "class":
+            assert math.isnan(vals["coffee"])  # its only box is class 5's
+            # astronaut's class-967 box lies in a corner outside the model's crop: it is dropped
+            # with its label, and the box left is class 3's
+            assert math.isnan(vals["astronaut"])
+            mean, _, _ = class_mean([(cls[i], v) for i, v in vals.items()])
+            assert float(summ["mean"]) == pytest.approx(mean) and int(summ["n"]) == sum(
+                math.isfinite(v) for v in vals.values()
+            )
+        else:
+            assert vals["coffee"] == 100.0 and vals["astronaut"] == 100.0  # any box counts
+            assert float(summ["mean"]) == pytest.approx(100.0)

@@ -48,7 +48,23 @@ def load_annotations(path, metrics: list[Metric]):
         raise ConfigError(f"metric(s) {', '.join(needs_boxes)} need bounding boxes: give --annotations FILE")
     if not path:
         return None
-    return localization.Annotations.load(path)
+    ann = localization.Annotations.load(path)
+    if any(getattr(m, "average", "image") == "class" for m in metrics):
+        bad = next(
+            (
+                lab
+                for labs in ann.labels.values()
+                for lab in labs
+                if lab is not None and localization.class_index(lab) is None
+            ),
+            None,
+        )
+        if bad is not None:
+            raise ConfigError(
+                f"annotations: {path}: label '{bad}' is not a class index; the pointing game's `average: class` "
+                "needs integer labels (the model's class index, e.g. 967) or none"
+            )
+    return ann
 
 
 # importing every family module fills the registry (sorted: a deterministic order)

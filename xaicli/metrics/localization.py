@@ -7,10 +7,13 @@ preprocessing's resize + centre crop (`Preprocess.crop_box`); everything below w
 frame, where the maps live. Pixel (row r, col c) has its centre at (c + 0.5, r + 0.5).
 
 Annotation files:
-    CSV    header image,x1,y1,x2,y2[,label]  (xmin,ymin,xmax,ymax also accepted); one row per box
-    JSON   {"image": [[x1, y1, x2, y2], ...]}  or  [{"image": ..., "box": [x1, y1, x2, y2]}, ...]
+    CSV    header image,x1,y1,x2,y2[,label|class]  (xmin,ymin,xmax,ymax also accepted); one row per box
+    JSON   {"image": [[x1, y1, x2, y2], ...]}  or  {"image": [{"box": [...], "label": 967}, ...]}
+           or  [{"image": ..., "box": [x1, y1, x2, y2], "label": 967}, ...]  ("class" = "label")
     XML    Pascal VOC (one file, or a folder of them): <filename>, <object><bndbox>; VOC's 1-based
-           inclusive xmin..xmax becomes [xmin - 1, xmax)
+           inclusive xmin..xmax becomes [xmin - 1, xmax); <object><name> is the box's label
+A box's label (optional) is kept as text. The pointing game's per-class protocol (`average:
+class`) reads labels that are integers as the model's class index; other metrics ignore labels.
 `image` matches an image like every side file does (data.side_keys): its key (path relative to
 the input root, without extension), that key with the extension, the file name, or the file stem.
 """
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,7 @@ Box = tuple[float, float, float, float]
 class Annotations:
     boxes: dict[str, list[Box]] = field(default_factory=dict)
     source: str = ""
+    labels: dict[str, list[str | None]] = field(default_factory=dict)  # per box, parallel to boxes
 
     @classmethod
     def load(cls, path: str | Path) -> Annotations:
@@ -51,7 +56,7 @@ class Annotations:
                 files = sorted(p.glob("*.xml"))
                 if not files:
                     raise ConfigError(f"annotations: no Pascal VOC .xml file in folder {p}")
-                table: dict[str, list[Box]] = {}
+                table: dict[str, list[tuple[Box, str | None]]] = {}
                 for f in files:
                     for k, v in _read_voc(f).items():
                         table.setdefault(k, []).extend(v)
@@ -76,16 +81,32 @@ class Annotations:
         ) as e:
             raise ConfigError(f"annotations: {p} could not be read: {type(e).__name__}: {e}") from None
         for k, bs in table.items():
-            for b in bs:
+            for b, _ in bs:
                 if not (b[2] > b[0] and b[3] > b[1]):
                     raise ConfigError(f"annotations: {p}: box {list(b)} of '{k}' needs x2 > x1 and y2 > y1")
-        return cls(table, str(p))
+        boxes = {k: [b for b, _ in bs] for k, bs in table.items()}
+        return cls(boxes, str(p), {k: [lab for _, lab in bs] for k, bs in table.items()})
 
     def lookup(self, rel: str, path: Path | str | None) -> list[Box] | None:
         for k in side_keys(rel, path):
             if k in self.boxes:
                 return self.boxes[k]
         return None
+
+    def lookup_labels(self, rel: str, path: Path | str | None) -> list[str | None] | None:
+        for k in side_keys(rel, path):
+            if k in self.boxes:
+                return self.labels.get(k) or [None] * len(self.boxes[k])
+        return None
+
+    def class_labels_in_input(self, rel, path, size, preprocess, input_hw) -> list[int | None] | None:
+        """The class index of each box boxes_in_input keeps (None: no label), or None without an entry."""
+        bs, labs = self.lookup(rel, path), self.lookup_labels(rel, path)
+        if bs is None:
+            return None
+        w, h = size
+        keep = kept_boxes(torch.tensor(bs, dtype=torch.float32), preprocess.crop_box(w, h), input_hw)
+        return [class_index(lab) for lab, k in zip(labs, keep.tolist(), strict=True) if k]
 
     def boxes_in_input(self, rel, path, size, preprocess, input_hw, device) -> Tensor | None:
         """The image's boxes [k, 4] in the model-input frame (clipped; empty ones dropped), or
@@ -97,9 +118,31 @@ class Annotations:
         return to_input_frame(torch.tensor(bs, dtype=torch.float32), preprocess.crop_box(w, h), input_hw).to(device)
 
 
+def class_index(label: str | None) -> int | None:
+    """A box label as the model's class index: an integer label ("967"), else None."""
+    if label is None:
+        return None
+    try:
+        return int(str(label).strip())
+    except ValueError:
+        return None
+
+
+def kept_boxes(boxes: Tensor, crop: Box, input_hw: tuple[int, int]) -> Tensor:
+    """[k] bool: the boxes to_input_frame keeps (not empty once clipped to the model input)."""
+    out = _to_frame(boxes, crop, input_hw)
+    return (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+
+
 def to_input_frame(boxes: Tensor, crop: Box, input_hw: tuple[int, int]) -> Tensor:
     """Boxes [k, 4] in original pixels -> model-input pixels, given the crop box (left, top,
     right, bottom) of the model input in the original image; clipped to the input, empty dropped."""
+    out = _to_frame(boxes, crop, input_hw)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out[keep]
+
+
+def _to_frame(boxes: Tensor, crop: Box, input_hw: tuple[int, int]) -> Tensor:
     left, top, right, bottom = crop
     hh, ww = input_hw
     sx, sy = ww / (right - left), hh / (bottom - top)
@@ -108,11 +151,14 @@ def to_input_frame(boxes: Tensor, crop: Box, input_hw: tuple[int, int]) -> Tenso
     )
     out[:, 0::2] = out[:, 0::2].clamp(0, ww)
     out[:, 1::2] = out[:, 1::2].clamp(0, hh)
-    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
-    return out[keep]
+    return out
 
 
-def _read_csv(p: Path) -> dict[str, list[Box]]:
+def _label(v) -> str | None:
+    return None if v is None or str(v).strip() == "" else str(v).strip()
+
+
+def _read_csv(p: Path) -> dict[str, list[tuple[Box, str | None]]]:
     with open(p, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -121,32 +167,39 @@ def _read_csv(p: Path) -> dict[str, list[Box]]:
     names = next((n for n in (("x1", "y1", "x2", "y2"), ("xmin", "ymin", "xmax", "ymax")) if set(n) <= cols), None)
     if "image" not in cols or names is None:
         raise ConfigError(f"annotations: {p} needs a header image,x1,y1,x2,y2 (or image,xmin,ymin,xmax,ymax)")
-    table: dict[str, list[Box]] = {}
+    lab = next((c for c in ("label", "class") if c in cols), None)
+    table: dict[str, list[tuple[Box, str | None]]] = {}
     for r in rows:
-        table.setdefault(r["image"].strip(), []).append(tuple(float(r[n]) for n in names))
+        box = tuple(float(r[n]) for n in names)
+        table.setdefault(r["image"].strip(), []).append((box, _label(r.get(lab)) if lab else None))
     return table
 
 
-def _read_json(p: Path) -> dict[str, list[Box]]:
+def _json_box(b) -> tuple[Box, str | None]:
+    if isinstance(b, dict):
+        return tuple(float(c) for c in b.get("box", b.get("bbox"))), _label(b.get("label", b.get("class")))
+    return tuple(float(c) for c in b), None
+
+
+def _read_json(p: Path) -> dict[str, list[tuple[Box, str | None]]]:
     data = json.loads(p.read_text(encoding="utf-8"))
-    table: dict[str, list[Box]] = {}
+    table: dict[str, list[tuple[Box, str | None]]] = {}
     if isinstance(data, dict):
         for k, v in data.items():
             v = [v] if v and not isinstance(v[0], list | dict) else v
-            table[k] = [tuple(float(c) for c in (b["box"] if isinstance(b, dict) else b)) for b in v]
+            table[k] = [_json_box(b) for b in v]
     elif isinstance(data, list):
         for item in data:
-            b = item.get("box", item.get("bbox"))
-            table.setdefault(str(item["image"]), []).append(tuple(float(c) for c in b))
+            table.setdefault(str(item["image"]), []).append(_json_box(item))
     else:
         raise ConfigError(f"annotations: {p}: expected a mapping image -> boxes, or a list of {{image, box}}")
     for k, bs in table.items():
-        if any(len(b) != 4 for b in bs):
+        if any(len(b) != 4 for b, _ in bs):
             raise ConfigError(f"annotations: {p}: every box of '{k}' needs 4 numbers x1,y1,x2,y2")
     return table
 
 
-def _read_voc(p: Path) -> dict[str, list[Box]]:
+def _read_voc(p: Path) -> dict[str, list[tuple[Box, str | None]]]:
     root = ET.parse(p).getroot()
     name = (root.findtext("filename") or p.stem).strip()
     boxes = []
@@ -155,7 +208,7 @@ def _read_voc(p: Path) -> dict[str, list[Box]]:
         if bb is None:
             continue
         x1, y1, x2, y2 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        boxes.append((x1 - 1.0, y1 - 1.0, x2, y2))  # 1-based inclusive -> [x1, x2)
+        boxes.append(((x1 - 1.0, y1 - 1.0, x2, y2), _label(obj.findtext("name"))))  # 1-based inclusive -> [x1, x2)
     return {name: boxes}
 
 
@@ -231,13 +284,26 @@ NonNeg = Annotated[float, Field(ge=0)]
 @dataclass
 class PointingGame(Metric):
     tolerance: NonNeg = 15.0  # Euclidean distance in model-input pixels
+    # image: the summary's mean is over images. class: TorchRay's protocol: a map explaining class c
+    # is scored against the image's boxes labelled c (an image without one is not scored: nan),
+    # and the summary's mean is the mean over classes of each class's accuracy
+    average: Literal["image", "class"] = "image"
 
     needs: ClassVar[frozenset[str]] = frozenset({"boxes"})
     direction: ClassVar[str] = "higher"
     value_range: ClassVar[tuple[float, float]] = (0.0, 100.0)
 
-    def compute(self, ctx, x, maps, target, *, boxes: list[Tensor], **extras) -> MetricResult:
+    def compute(self, ctx, x, maps, target, *, boxes: list[Tensor], box_labels=None, **extras) -> MetricResult:
         b, h, w = maps.shape
+        scored = torch.ones(b, dtype=torch.bool, device=maps.device)
+        if self.average == "class" and box_labels is not None:
+            boxes = list(boxes)
+            for i, labs in enumerate(box_labels):
+                if labs is None or all(c is None for c in labs):
+                    continue  # unlabelled boxes: all of them are the explained class's
+                keep = torch.tensor([c == int(target[i]) for c in labs], dtype=torch.bool)
+                boxes[i] = boxes[i][keep.to(boxes[i].device)]
+                scored[i] = bool(keep.any())
         idx = torch.nan_to_num(maps.float(), nan=-float("inf")).flatten(1).argmax(1)
         px = (idx % w).float() + 0.5
         py = torch.div(idx, w, rounding_mode="floor").float() + 0.5
@@ -245,7 +311,23 @@ class PointingGame(Metric):
         dx = torch.maximum(bx[..., 0] - px[:, None], px[:, None] - bx[..., 2]).clamp(min=0)
         dy = torch.maximum(bx[..., 1] - py[:, None], py[:, None] - bx[..., 3]).clamp(min=0)
         dist = torch.nan_to_num(torch.sqrt(dx**2 + dy**2), nan=float("inf")).amin(1)
-        return MetricResult({self.name: 100.0 * (dist <= self.tolerance).float()})
+        hit = 100.0 * (dist <= self.tolerance).float()
+        return MetricResult({self.name: torch.where(scored, hit, torch.full_like(hit, float("nan")))})
+
+
+def class_mean(values: list[tuple[str, float]]) -> tuple[float, float, int]:
+    """(mean over classes of each class's mean, sample std over the class means, number of classes)
+    for (class, value) pairs; non-finite values are left out."""
+    per: dict[str, list[float]] = {}
+    for c, v in values:
+        if math.isfinite(v):
+            per.setdefault(c, []).append(v)
+    means = [sum(v) / len(v) for v in per.values()]
+    if not means:
+        return float("nan"), float("nan"), 0
+    m = sum(means) / len(means)
+    std = math.sqrt(sum((v - m) ** 2 for v in means) / (len(means) - 1)) if len(means) > 1 else 0.0
+    return m, std, len(means)
 
 
 @register(

@@ -62,7 +62,9 @@ def explain(
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default ./xai-out)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config; flags override its values."),
-    model: str | None = typer.Option(None, help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
+    model: str | None = typer.Option(
+        None, help="default | torchvision:NAME | timm:NAME | my_pkg.module:build | file.py:build (see `xai models`)."
+    ),
     weights: str | None = typer.Option(
         None, help="default | none | a weights name/tag | a local .safetensors/.pt/.pth checkpoint."
     ),
@@ -113,6 +115,20 @@ def explain(
     as_json: bool = typer.Option(
         False, "--json", help="Print the run summary as one JSON object on stdout (no tables, no progress bar)."
     ),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", min=1, help="Classes of the model's head (a checkpoint trained on your classes)."
+    ),
+    class_names: Path | None = typer.Option(None, "--class-names", help="Text file, one class name per line."),
+    input_size: str | None = typer.Option(
+        None, "--input-size", help="Model input size: N or HxW (default: the model's own)."
+    ),
+    resize: int | None = typer.Option(None, "--resize", min=1, help="Shorter side before the centre crop."),
+    crop: str | None = typer.Option(None, "--crop", help="center (default) | none (resize to the input size)."),
+    mean: str | None = typer.Option(None, "--mean", help="Normalisation mean, three numbers: 0.485,0.456,0.406."),
+    std: str | None = typer.Option(None, "--std", help="Normalisation std, three numbers: 0.229,0.224,0.225."),
+    interpolation: str | None = typer.Option(
+        None, "--interpolation", help="bilinear | bicubic | nearest | lanczos (default: the model's own)."
+    ),
 ):
     """Explain every image of a folder: heatmap PNGs, raw .npy maps and explanations.csv.
 
@@ -140,6 +156,14 @@ def explain(
         "against": against,
         "annotations": str(annotations) if annotations else None,
         "sheet": True if sheet else None,
+        "model.num_classes": num_classes,
+        "model.class_names": str(class_names) if class_names else None,
+        "model.input_size": input_size,
+        "model.resize": resize,
+        "model.crop": crop,
+        "model.mean": mean,
+        "model.std": std,
+        "model.interpolation": interpolation,
     }
     cfg = build_config(config, overrides)
     progress = None if quiet or as_json else RichProgress(err_console)
@@ -506,7 +530,16 @@ def models():
         "timm:NAME",
         "any timm classifier, e.g. timm:convnext_tiny, timm:vit_small_patch16_224 (weights: default, a tag, none)",
     )
+    t.add_row(
+        "my_pkg.module:build",
+        "your own model: a function returning an nn.Module (called with num_classes=N when it takes it)",
+    )
+    t.add_row("path/to/file.py:build", "the same from a Python file (relative to the config file)")
     t.add_row("+ weights: PATH", "a local checkpoint for that architecture: .safetensors, or .pt/.pth (weights_only)")
+    t.add_row(
+        "+ num_classes, class_names",
+        "the head's classes and a text file naming them; preprocessing: input_size, resize, crop, mean, std, interpolation",
+    )
     Console().print(t)
     Console().print(
         "Named weights download once into the torch/Hugging Face cache; offline, only cached or local weights work."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -25,14 +25,74 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def model_file(name: str) -> str | None:
+    """The .py file of a `path/to/file.py:build` model spec, else None."""
+    left, sep, fn = name.rpartition(":")
+    return left if sep and fn and left.endswith(".py") else None
+
+
+def _floats3(v):
+    """'0.5,0.5,0.5' (a flag) or [0.5, 0.5, 0.5] -> [float, float, float]."""
+    if isinstance(v, str):
+        try:
+            v = [float(a) for a in v.replace(" ", "").split(",") if a]
+        except ValueError:
+            raise ValueError("must be three numbers, e.g. 0.485,0.456,0.406") from None
+    if v is not None and (not isinstance(v, list | tuple) or len(v) != 3):
+        raise ValueError("must be three numbers (one per RGB channel), e.g. [0.485, 0.456, 0.406]")
+    return v
+
+
+# the preprocessing keys of `model:` (None: the model's own data config)
+PREPROCESS_KEYS = ("input_size", "resize", "crop", "mean", "std", "interpolation")
+
+
 class ModelCfg(_Strict):
-    name: str = Field("default", description="default | torchvision:NAME | timm:NAME")
+    name: str = Field(
+        "default",
+        description="default | torchvision:NAME | timm:NAME | my_pkg.module:build | path/to/file.py:build",
+    )
     weights: str | None = Field(None, description="default | none | weights name/tag | path to checkpoint")
     num_classes: int | None = Field(
         None, gt=0, le=1_000_000, strict=True, description="for checkpoints with their own head"
     )
     class_names: str | None = Field(None, description="text file, one class name per line")
     layer: str | None = Field(None, description="target layer for CAM methods (auto when empty)")
+    input_size: int | list[int] | None = Field(None, description="model input, N or [H, W] pixels")
+    resize: int | None = Field(None, gt=0, le=65536, strict=True, description="shorter side before the centre crop")
+    crop: Literal["center", "none"] | None = Field(None, description="center | none (resize to input_size)")
+    mean: list[float] | None = Field(None, description="normalisation mean, 3 numbers")
+    std: list[float] | None = Field(None, description="normalisation std, 3 numbers")
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] | None = None
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        if isinstance(v, str):
+            v = [int(a) for a in v.lower().replace("x", ",").split(",") if a.strip().isdigit()] or v
+            v = v[0] if isinstance(v, list) and len(v) == 1 else v
+        if isinstance(v, bool) or (isinstance(v, list) and (len(v) != 2 or any(isinstance(a, bool) for a in v))):
+            raise ValueError("must be N or [H, W] (pixels)")
+        sizes = [v] if isinstance(v, int) else v if isinstance(v, list) else []
+        if any(isinstance(a, int) and not 8 <= a <= 16384 for a in sizes):
+            raise ValueError("must be between 8 and 16384 pixels")
+        return v
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _three(cls, v):
+        return _floats3(v)
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v):
+        if v is not None and any(not a > 0 or a != a or a == float("inf") for a in v):
+            raise ValueError("every std must be a finite number > 0")
+        return v
+
+    def preprocess_overrides(self) -> dict:
+        """{key: value} of the preprocessing keys that are set."""
+        return {k: getattr(self, k) for k in PREPROCESS_KEYS if getattr(self, k) is not None}
 
 
 class InputCfg(_Strict):
@@ -319,8 +379,13 @@ def _rebase(data: dict, base: Path) -> dict:
         d["target"] = fix(d["target"])
     if d.get("methods") is not None:
         d["methods"] = _rebase_method_paths(_named_list(d["methods"]), fix)
+    if isinstance(d.get("model"), str) and model_file(d["model"]):
+        d["model"] = {"name": d["model"]}
     if isinstance(d.get("model"), dict):
         m = dict(d["model"])
+        f = model_file(m["name"]) if isinstance(m.get("name"), str) else None
+        if f:  # path/to/file.py:build: the file is relative to the config file
+            m["name"] = f"{fix(f)}:{m['name'].rpartition(':')[2]}"
         for k in ("class_names",):
             if isinstance(m.get(k), str):
                 m[k] = fix(m[k])

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig, dump_config
+from .config import PREPROCESS_KEYS, RunConfig, dump_config, model_file
 from .data import ImageItem
 from .errors import ConfigError, StateError
 from .locks import LOCK_NAME, OutputLock, close_inherited_locks  # noqa: F401  (re-exported)
@@ -61,7 +61,10 @@ def config_hash(cfg: RunConfig) -> str:
     doc = {k: d.get(k) for k in HASH_KEYS}
     if cfg.overlay == type(cfg.overlay)():  # the default overlay section: the hash of older configs stays
         del doc["overlay"]
+    # model keys added later count only when set, so the hash of a config without them stays
+    doc["model"] = {k: v for k, v in doc["model"].items() if k not in PREPROCESS_KEYS or v is not None}
     files = [cfg.model.weights, cfg.model.class_names, cfg.target if isinstance(cfg.target, str) else None]
+    files.append(model_file(cfg.model.name))
     files += [v for m in cfg.methods for v in METHODS[m.name].file_params(m.params).values()]
     doc["files"] = {f: file_key(Path(f)) for f in files if f and Path(f).is_file()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]

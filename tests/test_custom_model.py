@@ -64,7 +64,9 @@ def test_own_resnet18_file_runs_from_the_cli(project, tmp_path):
 
 
 def test_head_mismatch_names_the_key_to_set(project):
-    cfg = (project / "cfg.yaml").read_text().replace("  num_classes: 3\n", "").replace("  class_names: classes.txt\n", "")
+    cfg = (
+        (project / "cfg.yaml").read_text().replace("  num_classes: 3\n", "").replace("  class_names: classes.txt\n", "")
+    )
     (project / "no_nc.yaml").write_text(cfg)
     r = run_xai("explain", "-c", project / "no_nc.yaml", "-q")
     assert r.returncode == 2

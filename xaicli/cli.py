@@ -265,6 +265,8 @@ def _explain_json(s, rep) -> dict:
         "method_seconds": {k: round(v, 3) for k, v in s.method_seconds.items()},
         "files": _files(s.out, rep),
     }
+    if getattr(s, "added", None) or getattr(s, "redrawn", 0) or getattr(s, "backfilled", None):
+        doc["incremental"] = {"methods_added": s.added, "redrawn": s.redrawn, "metrics_added": list(s.backfilled)}
     if s.metrics is not None:
         doc["metrics"] = _metrics_json(s.metrics)
     return doc
@@ -295,6 +297,12 @@ def _print_summary(s) -> None:
     if s.skipped:
         t.add_row("up to date", f"{s.skipped} (from an earlier run; --force redoes them)")
     t.add_row("done", str(s.done))
+    if getattr(s, "added", None):
+        t.add_row("new methods", ", ".join(s.added) + " (only these were computed for up-to-date images)")
+    if getattr(s, "redrawn", 0):
+        t.add_row("redrawn", f"{s.redrawn} PNG(s) from the stored maps (display settings changed)")
+    if getattr(s, "backfilled", None):
+        t.add_row("new metrics", ", ".join(s.backfilled) + " (scored on the stored maps)")
     t.add_row("failed", str(s.failed) + (" (see errors.csv)" if s.failed else ""))
     if s.flagged:
         t.add_row("flagged maps", f"{s.flagged} (nonfinite/oom, see explanations.csv status)")
@@ -387,6 +395,72 @@ def evaluate(
     if res.skipped:
         err_console.print(f"[yellow]{res.skipped} image(s) skipped (a map or the source image is missing)[/]")
     raise typer.Exit(code)
+
+
+RENDER_EXIT_HELP = (
+    "Exit codes: 0 all redrawn; 1 some maps left as they were (the .npy or the source image is missing or "
+    "unreadable); 2 usage or config error; 3 output folder locked by another run; 4 internal or I/O error; "
+    "130 interrupted."
+)
+
+
+@app.command("render", epilog=RENDER_EXIT_HELP)
+def render_cmd(
+    out: Path = typer.Argument(Path("xai-out"), help="Output folder of `xai explain` (default ./xai-out)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Take the display settings (colormap, alpha, overlay:) from this config."
+    ),
+    colormap: str | None = typer.Option(None, help="Matplotlib colormap for non-negative maps (e.g. viridis)."),
+    alpha: float | None = typer.Option(None, min=0.0, max=1.0, help="Heatmap opacity, 0..1."),
+    diverging: str | None = typer.Option(None, help="Colormap of signed maps, centred at zero (e.g. RdBu_r)."),
+    clip_percentile: float | None = typer.Option(
+        None, "--clip-percentile", help="Percentile clipping of gradient and signed maps (default 99.5)."
+    ),
+    caption: bool | None = typer.Option(
+        None, "--caption/--no-caption", help="A strip below each overlay: method, class, probability."
+    ),
+    colorbar: bool | None = typer.Option(None, "--colorbar/--no-colorbar", help="A colorbar in that strip."),
+    wait: bool = typer.Option(
+        False, "--wait", help="If another run holds the output folder, wait for it (else exit 3)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+):
+    """Redraw the overlay PNGs of an output folder from its stored .npy maps with other display
+    settings: no model, nothing recomputed. run.yaml records the new settings, so `xai explain`
+    with a config that has them resumes the folder.
+
+    Examples:
+
+      xai render out/ --colormap viridis --alpha 0.4
+
+      xai render out/ --config configs/nightly.yaml
+    """
+    from .progress import RichProgress
+    from .render import run_render
+
+    flags = {
+        "colormap": colormap,
+        "alpha": alpha,
+        "diverging": diverging,
+        "clip_percentile": clip_percentile,
+        "caption": caption,
+        "colorbar": colorbar,
+    }
+    with interruptible():
+        res = run_render(
+            out,
+            config,
+            flags,
+            wait=wait,
+            progress=None if quiet else RichProgress(err_console, "rendering"),
+            on_wait=lambda holder: err_console.print(f"waiting for the run that holds {out} ({holder})"),
+        )
+    if not quiet:
+        Console().print(
+            f"redrew {res.maps} map(s) of {res.images} image(s) in {res.seconds:.1f} s"
+            + (f"; {res.missing} left as they were (map or source image unreadable)" if res.missing else "")
+        )
+    raise typer.Exit(1 if res.missing else 0)
 
 
 @app.command("report")

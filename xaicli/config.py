@@ -165,7 +165,9 @@ class OverlayCfg(_Strict):
 class RunConfig(_Strict):
     model: ModelCfg = Field(default_factory=ModelCfg)
     methods: list[MethodCfg] = Field(default_factory=lambda: [MethodCfg(name="gradcam")], min_length=1)
-    target: str | int = "predicted"
+    target: str | int = "predicted"  # predicted | class index | topk:K | positives | labels.csv
+    score: Literal["logit", "softmax", "sigmoid"] = "logit"  # what is explained and reported (README)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, allow_inf_nan=False)  # `target: positives`: sigmoid > threshold
     input: InputCfg | None = None
     output: str = Field(DEFAULT_OUT, min_length=1)
     device: str = "auto"
@@ -229,6 +231,9 @@ class RunConfig(_Strict):
             return v
         if v.strip().isdigit():
             return int(v)
+        k = topk_of(v)
+        if k is not None and not 1 <= k <= 1000:
+            raise ValueError("topk:K needs 1 <= K <= 1000")
         return v
 
     @field_validator("device")
@@ -250,14 +255,38 @@ class RunConfig(_Strict):
             update={"colormap": o.colormap or self.colormap, "alpha": self.alpha if o.alpha is None else o.alpha}
         )
 
+    def multi_target(self) -> bool:
+        """Several targets per image (topk:K with K > 1, positives, or a labels file that gives an
+        image several classes): each (image, method, target) is one row and one map file
+        OUT/<method>/<rel>__<class>.png|.npy (outputs.map_key)."""
+        t = self.target
+        if not isinstance(t, str) or t == "predicted":
+            return False
+        if t == "positives":
+            return True
+        k = topk_of(t)
+        if k is not None:
+            return k > 1
+        return labels_multi(t)
+
     @model_validator(mode="after")
     def _methods_exist(self):
-        from .methods import build_method
+        from .methods import METHODS, build_method
 
         seen, specs = set(), []
         for i, m in enumerate(self.methods):
+            params = m.params
+            cls = METHODS.get(m.name)
+            if self.score != "logit" and cls is not None and "objective" not in params:
+                if any(f.name == "objective" for f in cls.params()):  # `score:` picks the default objective
+                    params = {**params, "objective": SCORE_OBJECTIVE[self.score]}
             try:
-                specs.append((m.key, build_method(m.name, **m.params)))
+                try:
+                    specs.append((m.key, build_method(m.name, **params)))
+                except XaiError:
+                    if params is m.params:
+                        raise
+                    specs.append((m.key, build_method(m.name, **m.params)))  # a method that needs its own (cam)
             except XaiError as e:
                 raise ValueError(f"methods[{i}]: {e}") from None
             if m.key in seen:
@@ -290,6 +319,48 @@ class RunConfig(_Strict):
                 )
         self._specs = specs
         return self
+
+
+SCORE_OBJECTIVE = {"logit": "logit", "softmax": "prob", "sigmoid": "sigmoid"}  # score -> methods' default objective
+TARGET_WORDS = ("predicted", "positives")
+
+
+def topk_of(target) -> int | None:
+    """K of a `topk:K` target, else None."""
+    if isinstance(target, str) and target.strip().lower().startswith("topk:"):
+        k = target.split(":", 1)[1].strip()
+        return int(k) if k.isdigit() else -1
+    return None
+
+
+def is_target_word(target) -> bool:
+    """A target that is not a labels file: predicted, positives, topk:K, a class index."""
+    return (
+        not isinstance(target, str) or target in TARGET_WORDS or topk_of(target) is not None or target.strip().isdigit()
+    )
+
+
+def split_labels(cell: str) -> list[str]:
+    """The classes of one labels-file cell: `cat`, or several separated by `;` or `|`."""
+    return [c.strip() for c in cell.replace("|", ";").split(";") if c.strip()]
+
+
+def labels_multi(path: str) -> bool:
+    """Whether a labels file gives some image more than one class (several rows or `a;b`)."""
+    from .outputs import read_csv
+
+    try:
+        rows = read_csv(Path(path))
+    except XaiError:
+        return False
+    seen: dict[str, set] = {}
+    for r in rows:
+        cls = split_labels(r.get("class") or "")
+        s = seen.setdefault((r.get("image") or "").strip(), set())
+        s.update(cls)
+        if len(s) > 1:
+            return True
+    return False
 
 
 def _find_nul(v, where: str = "", depth: int = 0) -> str | None:
@@ -375,7 +446,7 @@ def _rebase(data: dict, base: Path) -> dict:
         d["output"] = fix(d["output"])
     if isinstance(d.get("annotations"), str):
         d["annotations"] = fix(d["annotations"])
-    if isinstance(d.get("target"), str) and d["target"] != "predicted" and not d["target"].strip().isdigit():
+    if isinstance(d.get("target"), str) and not is_target_word(d["target"]):
         d["target"] = fix(d["target"])
     if d.get("methods") is not None:
         d["methods"] = _rebase_method_paths(_named_list(d["methods"]), fix)
@@ -455,9 +526,10 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
         raise ConfigError(f"{source}: nested too deeply to be a config") from None
     if cfg.input is None:
         raise ConfigError(f"{source}: no input: give a folder, glob or list file (argument or `input:` key)")
-    if isinstance(cfg.target, str) and cfg.target != "predicted" and not Path(cfg.target).is_file():
+    if not is_target_word(cfg.target) and not Path(cfg.target).is_file():
         raise ConfigError(
-            f"{source}: 'target': '{cfg.target}' is not 'predicted', a class index, or an existing labels file"
+            f"{source}: 'target': '{cfg.target}' is not 'predicted', a class index, topk:K, positives, "
+            "or an existing labels file"
         )
     return cfg
 

@@ -82,6 +82,32 @@ class Preprocess:
         interp = getattr(preset.interpolation, "value", str(preset.interpolation))
         return cls((crop, crop), resize, interp, tuple(preset.mean), tuple(preset.std))
 
+    def to_dict(self) -> dict:
+        """For run.yaml (`resolved.preprocess`): what `xai render` needs to redraw without the model."""
+        return {
+            "input_size": list(self.input_size),
+            "resize": self.resize,
+            "crop": self.crop,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d) -> Preprocess | None:
+        """The inverse of `to_dict`; None for a missing or hand-damaged entry."""
+        try:
+            return cls(
+                tuple(int(v) for v in d["input_size"]),
+                int(d["resize"]),
+                str(d.get("interpolation", "bilinear")),
+                tuple(float(v) for v in d["mean"]),
+                tuple(float(v) for v in d["std"]),
+                str(d.get("crop", "center")),
+            )
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
+
     # -- forward -------------------------------------------------------------------------
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """PIL RGB image -> normalized float tensor [3, H, W]."""

@@ -172,3 +172,22 @@ def test_adding_a_metric_scores_only_the_new_metric(two, tmp_path):
     assert {k: v for k, v in now.items() if k[1] == "deletion"} == first
     assert {k for k in now if k[1] == "insertion"} == {("chelsea", "insertion"), ("coffee", "insertion")}
     assert run_explain(cfg(two, out, methods="gradcam", metrics="deletion,insertion")).backfilled == {}
+
+
+def test_render_display_settings_from_a_config_or_flags(tmp_path):
+    from xaicli.render import display_overrides
+
+    c = tmp_path / "c.yaml"
+    c.write_text("alpha: 0.3\noverlay: {caption: true}\ninput: x\n")
+    # a config gives all display settings (defaults for those it leaves out); flags go on top
+    assert display_overrides(c, {"colorbar": True}) == {
+        "colormap": "jet",
+        "alpha": 0.3,
+        "overlay": {"caption": True, "colorbar": True},
+    }
+    # without a config the run's overlay section is kept and the flags change it
+    run = {"colormap": "magma", "overlay": {"caption": True, "clip_percentile": 99.0}}
+    assert display_overrides(None, {"alpha": 0.7, "caption": None}, run) == {
+        "alpha": 0.7,
+        "overlay": {"caption": True, "clip_percentile": 99.0},
+    }

@@ -182,13 +182,15 @@ def run_evaluate(
     return res
 
 
-def evaluate_maps(out: Path, specs: list[dict], keys: list[str], lm, chunker, log, progress=None) -> EvalSummary:
+def evaluate_maps(
+    out: Path, specs: list[dict], keys: list[str], lm, chunker, log, progress=None, annotations=None
+) -> EvalSummary:
     """Metrics `specs` for the stored maps of `keys` (`xai explain` with metrics new to a folder),
     with an already loaded model, under the caller's lock; rows of other metrics are kept."""
     folder = RunFolder(out)
     run_cfg = folder.config
     metric_objs = build_metrics(specs, keys)
-    ann = load_annotations(run_cfg.annotations, metric_objs)
+    ann = load_annotations(annotations or run_cfg.annotations, metric_objs)
     try:
         items, targets, _ = evaluable(folder, run_cfg, keys)
     except InputError:

@@ -280,7 +280,7 @@ def _backfill_metrics(cfg, plan, out: Path, lm, chunker, log, progress) -> dict[
         return {}
     from .evaluate import evaluate_maps
 
-    res = evaluate_maps(out, specs, keys, lm, chunker, log, progress)
+    res = evaluate_maps(out, specs, keys, lm, chunker, log, progress, annotations=cfg.annotations)
     log.event("metrics_backfilled", metrics=[s["name"] for s in specs], images=res.images)
     return {r["metric"]: int(r["n"]) for r in res.rows}
 

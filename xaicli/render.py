@@ -104,14 +104,22 @@ def redraw(
     return res
 
 
-def display_overrides(config: str | Path | None, flags: dict) -> dict:
-    """The display keys to apply: the config file's (colormap, alpha, overlay), then the flags."""
+def display_overrides(config: str | Path | None, flags: dict, current: dict | None = None) -> dict:
+    """The display keys to apply: all of the config file's (colormap, alpha, overlay; defaults for
+    those it leaves out, so that `xai explain --config` with it then matches), else the run's
+    (`current`, its run.yaml config), then the flags on top."""
+    from .config import RunConfig
+
     upd: dict = {}
     if config is not None:
         from .config import read_yaml
 
         data = read_yaml(config)
-        upd = {k: data[k] for k in (*DISPLAY_FIELDS, "overlay") if k in data}
+        fields = RunConfig.model_fields
+        upd = {k: data.get(k, fields[k].default) for k in DISPLAY_FIELDS}
+        upd["overlay"] = data.get("overlay") or {}
+    elif current is not None and isinstance(current.get("overlay"), dict):
+        upd["overlay"] = current["overlay"]
     overlay = dict(upd.get("overlay") or {})
     for k, v in flags.items():
         if v is None:
@@ -125,29 +133,35 @@ def display_overrides(config: str | Path | None, flags: dict) -> dict:
     return upd
 
 
+def dump_methods(cfg) -> dict:
+    """The methods and metrics of a RunConfig in their config form (for re-validation)."""
+    from .config import dump_config
+
+    d = dump_config(cfg)
+    return {"methods": d["methods"], "metrics": d["metrics"]}
+
+
 def run_render(
     out: str | Path, config=None, flags: dict | None = None, wait: bool = False, progress=None, on_wait=None
 ):
     """`xai render`: new display settings for an output folder, its PNGs redrawn from the maps."""
     from pydantic import ValidationError
 
-    from .config import RunConfig, format_validation_error
+    from .config import RunConfig, dump_config, format_validation_error
     from .locks import OutputLock
     from .state import JsonLog, config_hash, config_parts
 
     run = RunFolder(out)
-    upd = display_overrides(config, flags or {})
+    upd = display_overrides(config, flags or {}, run.run["config"])
     try:
-        cfg = RunConfig.model_validate({**run.run["config"], **upd})
+        cfg = RunConfig.model_validate({**run.config.model_dump(mode="json"), **dump_methods(run.config), **upd})
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, str(config or "command line"))) from None
     with OutputLock(run.out, wait=wait, on_wait=on_wait):
         doc = read_run_yaml(run.out)
         res = redraw(run.out, style_of(run, cfg), max_pixels=cfg.max_pixels, progress=progress)
-        from .config import dump_config
-
         extra = {k: v for k, v in doc.items() if k not in ("config", "versions")}
-        old_cfg = RunConfig.model_validate(run.run["config"])
+        old_cfg = run.config
         # only when the files the run used are unchanged: a retrained checkpoint must stay visible
         # to the next `xai explain` (which then refuses, naming the file)
         if str(doc.get("config_hash")) == config_hash(old_cfg):

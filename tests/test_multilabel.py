@@ -183,3 +183,18 @@ def test_score_picks_the_default_objective(proj):
     for target in ("topk:0", "topk:x"):
         with pytest.raises(ConfigError, match="topk"):
             build_config(None, {"input": str(proj / "imgs"), "target": target})
+
+
+def test_metrics_use_sigmoid_probabilities_with_score_sigmoid(tiny_cnn):
+    from xaicli.methods.base import make_context
+    from xaicli.metrics.base import target_probs
+
+    x = torch.randn(3, 3, 16, 16)
+    t = torch.tensor([0, 2, 4])
+    logits = tiny_cnn(x)
+    ctx = make_context(tiny_cnn, (16, 16))
+    soft = target_probs(ctx, x, t, 8)
+    assert torch.allclose(soft, logits.softmax(1).gather(1, t[:, None])[:, 0], atol=1e-6)
+    ctx.probability = "sigmoid"  # what explain/evaluate set for `score: sigmoid`
+    sig = target_probs(ctx, x, t, 8, key="sig")
+    assert torch.allclose(sig, torch.sigmoid(logits).gather(1, t[:, None])[:, 0], atol=1e-6)

@@ -232,6 +232,7 @@ def _evaluate_locked(
     lm = lm or load_model_cfg(run_cfg.model, dev)
     chunker = chunker or Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=run_cfg.model.layer)
+    ctx.probability = "sigmoid" if run_cfg.score == "sigmoid" else "softmax"
     methods = {}
     if any("method" in m.needs for m in metric_objs):  # sanity recomputes maps: bind at the run's layers
         layers = folder.resolved.get("layers") or {}

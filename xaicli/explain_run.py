@@ -1,6 +1,8 @@
 """`xai explain` (and `--metrics`): the engine wired to the map, error and metric sinks.
 
-discover -> plan (resume) -> lock -> load the model -> bind each method once -> Engine.run.
+discover -> plan (resume) -> lock -> load the model -> bind each method once -> [redraw PNGs when
+only display settings changed; score metrics new to the folder on its stored maps] -> run.yaml ->
+Engine.run (each image with the methods it still needs; several rows per image with several targets).
 """
 
 from __future__ import annotations
@@ -192,11 +194,12 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     lm = load_model_cfg(cfg.model, device)
     chunker = Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=cfg.model.layer)
+    ctx.probability = "sigmoid" if cfg.score == "sigmoid" else "softmax"
     methods = {key: spec.bind(ctx) for key, spec in cfg.specs()}  # bound once per model
     work, targets, missing = resolve_targets(cfg, disc, lm, [items[i] for i in todo])
     trash = apply_plan(out, items, plan, todo, list(methods))
     redrawn = _redraw(cfg, plan, out, lm, methods, log)
-    backfilled = _backfill_metrics(cfg, plan, out, lm, chunker, log, progress)
+    backfilled = {} if opts.force else _backfill_metrics(cfg, plan, out, lm, chunker, log, progress)
     resolved = _resolved(cfg, opts, disc, items, device, lm, methods)
     write_run_yaml(out, dump_config(cfg), {"config_hash": chash, "hashes": config_parts(cfg), "resolved": resolved})
     if trash is not None:  # the new run.yaml is on disk: the old config's outputs can go

@@ -1,10 +1,11 @@
 """What a run may skip, and who may write: resume planning, the config hash, the output lock.
 
-Resume: an image is up to date when explanations.csv holds a row for every method of this
-config with the image's current size and mtime, and its files exist. Everything else is done
-(again). Rows of images about to be redone are dropped first (atomic rewrite), so a resumed run
-never duplicates a row. A different config in the same output folder is refused (or, with
---force, its outputs are replaced), so results of two configs never mix.
+Resume: an (image, method) is up to date when explanations.csv holds its row(s) with the image's
+current size and mtime, and its files exist; an image runs only the methods that are not
+(`Plan.need`). Rows about to be redone are dropped first (atomic rewrite), so a resumed run
+never duplicates a row. A config that only adds methods or changes display settings continues
+the folder (config_parts); any other change is refused naming the keys (or, with --force, the
+old outputs are replaced), so results of two configs never mix.
 
 The output lock lives in xaicli/locks.py.
 """

@@ -51,7 +51,7 @@ def config_hash(cfg: RunConfig) -> str:
     """Hash of everything that changes the outputs (not device, batch size, workers or output).
 
     Display settings (colormap, alpha, the `overlay:` section) are in it because the overlay PNGs
-    are outputs: a folder drawn with other settings is refused (--force redraws it). The overlay
+    are outputs (config_parts splits them off: a change only redraws the PNGs). The overlay
     section counts only when it differs from its defaults, so the hash of a config without it is
     the one earlier versions computed. `sheet` is not in it: sheets are rebuilt from the overlays.
 

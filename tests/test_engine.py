@@ -290,7 +290,7 @@ LAYERS = [  # bottom to top, as drawn in docs/architecture.md
     {"state"},
     {"engine", "reader"},
     {"sinks"},
-    {"explain_run", "evaluate", "report", "concepts", "preflight"},
+    {"explain_run", "evaluate", "report", "concepts", "preflight", "render"},
     {"cli", "__init__", "__main__", "catalog"},
 ]
 

@@ -102,7 +102,9 @@ def explain(
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default ./xai-out)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config; flags override its values."),
-    model: str | None = typer.Option(None, help="default | torchvision:NAME | timm:NAME (see `xai models`)."),
+    model: str | None = typer.Option(
+        None, help="default | torchvision:NAME | timm:NAME | my_pkg.module:build | file.py:build (see `xai models`)."
+    ),
     weights: str | None = typer.Option(
         None, help="default | none | a weights name/tag | a local .safetensors/.pt/.pth checkpoint."
     ),
@@ -162,6 +164,20 @@ def explain(
     as_json: bool = typer.Option(
         False, "--json", help="Print the run summary as one JSON object on stdout (no tables, no progress bar)."
     ),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", min=1, help="Classes of the model's head (a checkpoint trained on your classes)."
+    ),
+    class_names: Path | None = typer.Option(None, "--class-names", help="Text file, one class name per line."),
+    input_size: str | None = typer.Option(
+        None, "--input-size", help="Model input size: N or HxW (default: the model's own)."
+    ),
+    resize: int | None = typer.Option(None, "--resize", min=1, help="Shorter side before the centre crop."),
+    crop: str | None = typer.Option(None, "--crop", help="center (default) | none (resize to the input size)."),
+    mean: str | None = typer.Option(None, "--mean", help="Normalisation mean, three numbers: 0.485,0.456,0.406."),
+    std: str | None = typer.Option(None, "--std", help="Normalisation std, three numbers: 0.229,0.224,0.225."),
+    interpolation: str | None = typer.Option(
+        None, "--interpolation", help="bilinear | bicubic | nearest | lanczos (default: the model's own)."
+    ),
 ):
     """Explain every image of a folder: heatmap PNGs, raw .npy maps and explanations.csv.
 
@@ -190,6 +206,14 @@ def explain(
         "annotations": str(annotations) if annotations else None,
         "sheet": True if sheet else None,
         "concepts": concepts,  # after "methods": sets the concept_maps methods' `concepts`
+        "model.num_classes": num_classes,
+        "model.class_names": str(class_names) if class_names else None,
+        "model.input_size": input_size,
+        "model.resize": resize,
+        "model.crop": crop,
+        "model.mean": mean,
+        "model.std": std,
+        "model.interpolation": interpolation,
     }
     cfg = build_config(config, overrides)
     progress = None if quiet or as_json else RichProgress(err_console)
@@ -425,6 +449,8 @@ def _explain_json(s, rep) -> dict:
         "maps": [str(p) for p in s.maps],
         "files": _files(s.out, rep),
     }
+    if getattr(s, "added", None) or getattr(s, "redrawn", 0) or getattr(s, "backfilled", None):
+        doc["incremental"] = {"methods_added": s.added, "redrawn": s.redrawn, "metrics_added": list(s.backfilled)}
     if s.metrics is not None:
         doc["metrics"] = _metrics_json(s.metrics)
     return doc
@@ -457,6 +483,12 @@ def _print_summary(s) -> None:
     if s.skipped:
         t.add_row("up to date", f"{s.skipped} (from an earlier run; --force redoes them)")
     t.add_row("done", str(s.done))
+    if getattr(s, "added", None):
+        t.add_row("new methods", ", ".join(s.added) + " (only these were computed for up-to-date images)")
+    if getattr(s, "redrawn", 0):
+        t.add_row("redrawn", f"{s.redrawn} PNG(s) from the stored maps (display settings changed)")
+    if getattr(s, "backfilled", None):
+        t.add_row("new metrics", ", ".join(s.backfilled) + " (scored on the stored maps)")
     t.add_row("failed", str(s.failed) + (" (see errors.csv)" if s.failed else ""))
     if s.flagged:
         t.add_row("flagged maps", f"{s.flagged} (nonfinite/oom, see explanations.csv status)")
@@ -557,6 +589,72 @@ def evaluate(
     if res.skipped:
         err_console.print(f"[yellow]{res.skipped} image(s) skipped (a map or the source image is missing)[/]")
     raise typer.Exit(code)
+
+
+RENDER_EXIT_HELP = (
+    "Exit codes: 0 all redrawn; 1 some maps left as they were (the .npy or the source image is missing or "
+    "unreadable); 2 usage or config error; 3 output folder locked by another run; 4 internal or I/O error; "
+    "130 interrupted."
+)
+
+
+@app.command("render", epilog=RENDER_EXIT_HELP)
+def render_cmd(
+    out: Path = typer.Argument(Path("xai-out"), help="Output folder of `xai explain` (default ./xai-out)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Take the display settings (colormap, alpha, overlay:) from this config."
+    ),
+    colormap: str | None = typer.Option(None, help="Matplotlib colormap for non-negative maps (e.g. viridis)."),
+    alpha: float | None = typer.Option(None, min=0.0, max=1.0, help="Heatmap opacity, 0..1."),
+    diverging: str | None = typer.Option(None, help="Colormap of signed maps, centred at zero (e.g. RdBu_r)."),
+    clip_percentile: float | None = typer.Option(
+        None, "--clip-percentile", help="Percentile clipping of gradient and signed maps (default 99.5)."
+    ),
+    caption: bool | None = typer.Option(
+        None, "--caption/--no-caption", help="A strip below each overlay: method, class, probability."
+    ),
+    colorbar: bool | None = typer.Option(None, "--colorbar/--no-colorbar", help="A colorbar in that strip."),
+    wait: bool = typer.Option(
+        False, "--wait", help="If another run holds the output folder, wait for it (else exit 3)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+):
+    """Redraw the overlay PNGs of an output folder from its stored .npy maps with other display
+    settings: no model, nothing recomputed. run.yaml records the new settings, so `xai explain`
+    with a config that has them resumes the folder.
+
+    Examples:
+
+      xai render out/ --colormap viridis --alpha 0.4
+
+      xai render out/ --config configs/nightly.yaml
+    """
+    from .progress import RichProgress
+    from .render import run_render
+
+    flags = {
+        "colormap": colormap,
+        "alpha": alpha,
+        "diverging": diverging,
+        "clip_percentile": clip_percentile,
+        "caption": caption,
+        "colorbar": colorbar,
+    }
+    with interruptible():
+        res = run_render(
+            out,
+            config,
+            flags,
+            wait=wait,
+            progress=None if quiet else RichProgress(err_console, "rendering"),
+            on_wait=lambda holder: err_console.print(f"waiting for the run that holds {out} ({holder})"),
+        )
+    if not quiet:
+        Console().print(
+            f"redrew {res.maps} map(s) of {res.images} image(s) in {res.seconds:.1f} s"
+            + (f"; {res.missing} left as they were (map or source image unreadable)" if res.missing else "")
+        )
+    raise typer.Exit(1 if res.missing else 0)
 
 
 @app.command("report")
@@ -749,7 +847,7 @@ def _registry_table(title: str, registry: dict) -> Table:
     return t
 
 
-EXAMPLES = ("example", "demo", "nightly", "lrp", "perturbation")
+EXAMPLES = ("example", "demo", "nightly", "lrp", "perturbation", "concepts")
 
 
 def example_config(name: str) -> str:
@@ -863,7 +961,16 @@ def models():
         "timm:NAME",
         "any timm classifier, e.g. timm:convnext_tiny, timm:vit_small_patch16_224 (weights: default, a tag, none)",
     )
+    t.add_row(
+        "my_pkg.module:build",
+        "your own model: a function returning an nn.Module (called with num_classes=N when it takes it)",
+    )
+    t.add_row("path/to/file.py:build", "the same from a Python file (relative to the config file)")
     t.add_row("+ weights: PATH", "a local checkpoint for that architecture: .safetensors, or .pt/.pth (weights_only)")
+    t.add_row(
+        "+ num_classes, class_names",
+        "the head's classes and a text file naming them; preprocessing: input_size, resize, crop, mean, std, interpolation",
+    )
     Console().print(t)
     Console().print(
         "Named weights download once into the torch/Hugging Face cache; offline, only cached or local weights work."

@@ -25,14 +25,74 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def model_file(name: str) -> str | None:
+    """The .py file of a `path/to/file.py:build` model spec, else None."""
+    left, sep, fn = name.rpartition(":")
+    return left if sep and fn and left.endswith(".py") else None
+
+
+def _floats3(v):
+    """'0.5,0.5,0.5' (a flag) or [0.5, 0.5, 0.5] -> [float, float, float]."""
+    if isinstance(v, str):
+        try:
+            v = [float(a) for a in v.replace(" ", "").split(",") if a]
+        except ValueError:
+            raise ValueError("must be three numbers, e.g. 0.485,0.456,0.406") from None
+    if v is not None and (not isinstance(v, list | tuple) or len(v) != 3):
+        raise ValueError("must be three numbers (one per RGB channel), e.g. [0.485, 0.456, 0.406]")
+    return v
+
+
+# the preprocessing keys of `model:` (None: the model's own data config)
+PREPROCESS_KEYS = ("input_size", "resize", "crop", "mean", "std", "interpolation")
+
+
 class ModelCfg(_Strict):
-    name: str = Field("default", description="default | torchvision:NAME | timm:NAME")
+    name: str = Field(
+        "default",
+        description="default | torchvision:NAME | timm:NAME | my_pkg.module:build | path/to/file.py:build",
+    )
     weights: str | None = Field(None, description="default | none | weights name/tag | path to checkpoint")
     num_classes: int | None = Field(
         None, gt=0, le=1_000_000, strict=True, description="for checkpoints with their own head"
     )
     class_names: str | None = Field(None, description="text file, one class name per line")
     layer: str | None = Field(None, description="target layer for CAM methods (auto when empty)")
+    input_size: int | list[int] | None = Field(None, description="model input, N or [H, W] pixels")
+    resize: int | None = Field(None, gt=0, le=65536, strict=True, description="shorter side before the centre crop")
+    crop: Literal["center", "none"] | None = Field(None, description="center | none (resize to input_size)")
+    mean: list[float] | None = Field(None, description="normalisation mean, 3 numbers")
+    std: list[float] | None = Field(None, description="normalisation std, 3 numbers")
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] | None = None
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        if isinstance(v, str):
+            v = [int(a) for a in v.lower().replace("x", ",").split(",") if a.strip().isdigit()] or v
+            v = v[0] if isinstance(v, list) and len(v) == 1 else v
+        if isinstance(v, bool) or (isinstance(v, list) and (len(v) != 2 or any(isinstance(a, bool) for a in v))):
+            raise ValueError("must be N or [H, W] (pixels)")
+        sizes = [v] if isinstance(v, int) else v if isinstance(v, list) else []
+        if any(isinstance(a, int) and not 8 <= a <= 16384 for a in sizes):
+            raise ValueError("must be between 8 and 16384 pixels")
+        return v
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _three(cls, v):
+        return _floats3(v)
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v):
+        if v is not None and any(not a > 0 or a != a or a == float("inf") for a in v):
+            raise ValueError("every std must be a finite number > 0")
+        return v
+
+    def preprocess_overrides(self) -> dict:
+        """{key: value} of the preprocessing keys that are set."""
+        return {k: getattr(self, k) for k in PREPROCESS_KEYS if getattr(self, k) is not None}
 
 
 class InputCfg(_Strict):
@@ -156,7 +216,9 @@ class OverlayCfg(_Strict):
 class RunConfig(_Strict):
     model: ModelCfg = Field(default_factory=ModelCfg)
     methods: list[MethodCfg] = Field(default_factory=lambda: [MethodCfg(name="gradcam")], min_length=1)
-    target: str | int = "predicted"
+    target: str | int = "predicted"  # predicted | class index | topk:K | positives | labels.csv
+    score: Literal["logit", "softmax", "sigmoid"] = "logit"  # what is explained and reported (README)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, allow_inf_nan=False)  # `target: positives`: sigmoid > threshold
     # images a labels file does not list: `error` (errors.csv, exit 1) or `predicted` (explain the predicted class)
     target_fallback: Literal["error", "predicted"] = "error"
     input: InputCfg | None = None
@@ -226,6 +288,9 @@ class RunConfig(_Strict):
             return v
         if v.strip().isdigit():
             return int(v)
+        k = topk_of(v)
+        if k is not None and not 1 <= k <= 1000:
+            raise ValueError("topk:K needs 1 <= K <= 1000")
         return v
 
     @field_validator("device")
@@ -247,14 +312,38 @@ class RunConfig(_Strict):
             update={"colormap": o.colormap or self.colormap, "alpha": self.alpha if o.alpha is None else o.alpha}
         )
 
+    def multi_target(self) -> bool:
+        """Several targets per image (topk:K with K > 1, positives, or a labels file that gives an
+        image several classes): each (image, method, target) is one row and one map file
+        OUT/<method>/<rel>__<class>.png|.npy (outputs.map_key)."""
+        t = self.target
+        if not isinstance(t, str) or t == "predicted":
+            return False
+        if t == "positives":
+            return True
+        k = topk_of(t)
+        if k is not None:
+            return k > 1
+        return labels_multi(t)
+
     @model_validator(mode="after")
     def _methods_exist(self):
-        from .methods import build_method
+        from .methods import METHODS, build_method
 
         seen, specs = set(), []
         for i, m in enumerate(self.methods):
+            params = m.params
+            cls = METHODS.get(m.name)
+            if self.score != "logit" and cls is not None and "objective" not in params:
+                if any(f.name == "objective" for f in cls.params()):  # `score:` picks the default objective
+                    params = {**params, "objective": SCORE_OBJECTIVE[self.score]}
             try:
-                specs.append((m.key, build_method(m.name, **m.params)))
+                try:
+                    specs.append((m.key, build_method(m.name, **params)))
+                except XaiError:
+                    if params is m.params:
+                        raise
+                    specs.append((m.key, build_method(m.name, **m.params)))  # a method that needs its own (cam)
             except XaiError as e:
                 raise ValueError(f"methods[{i}]: {e}") from None
             if m.key in seen:
@@ -287,6 +376,48 @@ class RunConfig(_Strict):
                 )
         self._specs = specs
         return self
+
+
+SCORE_OBJECTIVE = {"logit": "logit", "softmax": "prob", "sigmoid": "sigmoid"}  # score -> methods' default objective
+TARGET_WORDS = ("predicted", "positives")
+
+
+def topk_of(target) -> int | None:
+    """K of a `topk:K` target, else None."""
+    if isinstance(target, str) and target.strip().lower().startswith("topk:"):
+        k = target.split(":", 1)[1].strip()
+        return int(k) if k.isdigit() else -1
+    return None
+
+
+def is_target_word(target) -> bool:
+    """A target that is not a labels file: predicted, positives, topk:K, a class index."""
+    return (
+        not isinstance(target, str) or target in TARGET_WORDS or topk_of(target) is not None or target.strip().isdigit()
+    )
+
+
+def split_labels(cell: str) -> list[str]:
+    """The classes of one labels-file cell: `cat`, or several separated by `;` or `|`."""
+    return [c.strip() for c in cell.replace("|", ";").split(";") if c.strip()]
+
+
+def labels_multi(path: str) -> bool:
+    """Whether a labels file gives some image more than one class (several rows or `a;b`)."""
+    from .outputs import read_csv
+
+    try:
+        rows = read_csv(Path(path))
+    except XaiError:
+        return False
+    seen: dict[str, set] = {}
+    for r in rows:
+        cls = split_labels(r.get("class") or "")
+        s = seen.setdefault((r.get("image") or "").strip(), set())
+        s.update(cls)
+        if len(s) > 1:
+            return True
+    return False
 
 
 def _find_nul(v, where: str = "", depth: int = 0) -> str | None:
@@ -376,7 +507,7 @@ def _rebase(data: dict, base: Path) -> dict:
     if isinstance(d.get("annotations"), str):
         d["annotations"] = fix(d["annotations"])
     t = d.get("target")
-    if isinstance(t, str) and t != "predicted" and not t.strip().isdigit():
+    if isinstance(t, str) and not is_target_word(t):
         if looks_like_file(t) or (base / t).exists():  # a labels file, else a class name
             d["target"] = fix(t)
     if d.get("methods") is not None:
@@ -384,8 +515,13 @@ def _rebase(data: dict, base: Path) -> dict:
             d["methods"] = _rebase_method_paths(_named_list(d["methods"]), fix)
         except ValueError:  # a malformed 'a:k=v' string: validation says what is wrong
             pass
+    if isinstance(d.get("model"), str) and model_file(d["model"]):
+        d["model"] = {"name": d["model"]}
     if isinstance(d.get("model"), dict):
         m = dict(d["model"])
+        f = model_file(m["name"]) if isinstance(m.get("name"), str) else None
+        if f:  # path/to/file.py:build: the file is relative to the config file
+            m["name"] = f"{fix(f)}:{m['name'].rpartition(':')[2]}"
         for k in ("class_names",):
             if isinstance(m.get(k), str):
                 m[k] = fix(m[k])
@@ -461,11 +597,11 @@ def build_config(path: str | Path | None = None, overrides: dict | None = None) 
         raise ConfigError(f"{source}: nested too deeply to be a config") from None
     if cfg.input is None:
         raise ConfigError(f"{source}: no input: give a folder, glob or list file (argument or `input:` key)")
-    if isinstance(cfg.target, str) and cfg.target != "predicted" and not Path(cfg.target).is_file():
+    if not is_target_word(cfg.target) and not Path(cfg.target).is_file():
         if looks_like_file(cfg.target):
             raise ConfigError(
-                f"{source}: 'target': '{cfg.target}' is not 'predicted', a class index, a class name, "
-                "or an existing labels file"
+                f"{source}: 'target': '{cfg.target}' is not 'predicted', a class index, topk:K, positives, "
+                "a class name, or an existing labels file"
             )
         # else a class name ('tiger cat'), checked against the model's names when it is loaded
     return cfg

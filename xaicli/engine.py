@@ -29,6 +29,7 @@ from .methods.base import BoundMethod
 from .ops import Chunker
 
 OK, NONFINITE, OOM = "ok", "nonfinite", "oom"
+SKIP = "skip"  # the method did not run for this row (its map is up to date on disk): no row, no file
 
 
 @dataclass
@@ -52,6 +53,12 @@ class BatchResult:
     target: Tensor  # [B] the explained classes (on the device)
     logits: Tensor | None  # [B, C] of the clean batch (None when evaluating stored maps)
     outputs: dict[str, MethodOutput]
+    # the map key of each row (outputs.map_key: `<rel>__<class>` when a run explains several
+    # targets per image, each image then has one row per target); None: each item's rel
+    keys: list[str] | None = None
+
+    def key(self, j: int) -> str:
+        return self.keys[j] if self.keys is not None else self.items[j].rel
 
 
 class Sink(Protocol):
@@ -114,17 +121,36 @@ def explain_step(
     x: Tensor,
     target: Tensor | None,
     chunker: Chunker,
+    need: dict[str, list[int]] | None = None,
     on_method: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, MethodOutput]]:
     """The pure batch step: (target [B], logits [B, C], {key: MethodOutput}) for a batch on the device.
+
+    `need` (incremental runs): {key: indices of the batch} for the methods that run on only part
+    of it (the other images' maps of that method are up to date); their rows get status SKIP.
     `on_method(i)` hears when the i-th method starts (inner progress)."""
+    need = need or {}
     outputs, logits = {}, None
+    if target is None and any(len(v) < x.shape[0] for v in need.values()):
+        logits = plain_logits(next(iter(methods.values())).model, x, chunker)  # the predicted class of every image
+        target = logits.argmax(dim=1)
     for i, (key, bound) in enumerate(methods.items()):
         if on_method is not None:
             on_method(i)
+        idx = need.get(key)
+        if idx is not None and len(idx) == x.shape[0]:
+            idx = None
+        if idx is not None and not len(idx):
+            outputs[key] = _skipped(bound, x)
+            continue
         sync(x.device)
         t0 = time.perf_counter()
-        out, lg = run_method(key, bound, x, target, chunker)
+        if idx is None:
+            out, lg = run_method(key, bound, x, target, chunker)
+        else:
+            sel = torch.tensor(idx, device=x.device, dtype=torch.long)
+            part, lg = run_method(key, bound, x[sel], target[sel] if target is not None else None, chunker)
+            out, lg = _scatter(part, sel, x), None
         sync(x.device)
         out.seconds = time.perf_counter() - t0
         outputs[key] = out
@@ -134,6 +160,26 @@ def explain_step(
         logits = plain_logits(next(iter(methods.values())).model, x, chunker)
     tgt = target if target is not None else logits.argmax(dim=1)
     return tgt, logits, outputs
+
+
+def _skipped(bound: BoundMethod, x: Tensor) -> MethodOutput:
+    names = tuple(bound.spec.map_names)
+    maps = _nan((x.shape[0], *((len(names),) if names else ()), *x.shape[-2:]), x)
+    return MethodOutput(maps, [SKIP] * x.shape[0], {}, names=names)
+
+
+def _scatter(part: MethodOutput, sel: Tensor, x: Tensor) -> MethodOutput:
+    """A method's output on the rows `sel` of the batch, as a whole-batch output (SKIP elsewhere)."""
+    maps = _nan((x.shape[0], *part.maps.shape[1:]), x)
+    maps[sel] = part.maps
+    status = [SKIP] * x.shape[0]
+    for j, st in zip(sel.tolist(), part.status, strict=True):
+        status[j] = st
+    extras = {}
+    for e, v in part.extras.items():
+        extras[e] = _nan((x.shape[0],), x)
+        extras[e][sel] = v.float()
+    return MethodOutput(maps, status, extras, names=part.names)
 
 
 @contextmanager

@@ -186,17 +186,63 @@ def run_evaluate(
     return res
 
 
-def _evaluate_locked(folder, run_cfg, keys, metric_objs, ann, items, targets, device, progress, log):
-    dev = resolve_device(device or run_cfg.device)
-    lm = load_model_cfg(run_cfg.model, dev)
-    chunker = Chunker(on_event=log.event)
+def evaluate_maps(
+    out: Path, specs: list[dict], keys: list[str], lm, chunker, log, progress=None, annotations=None
+) -> EvalSummary:
+    """Metrics `specs` for the stored maps of `keys` (`xai explain` with metrics new to a folder),
+    with an already loaded model, under the caller's lock; rows of other metrics are kept."""
+    folder = RunFolder(out)
+    run_cfg = folder.config
+    metric_objs = build_metrics(specs, keys)
+    ann = load_annotations(annotations or run_cfg.annotations, metric_objs)
+    try:
+        items, targets, _ = evaluable(folder, run_cfg, keys)
+    except InputError:
+        return EvalSummary(folder.out)
+    res, _ = _evaluate_locked(
+        folder,
+        run_cfg,
+        keys,
+        metric_objs,
+        ann,
+        items,
+        targets,
+        None,
+        progress,
+        log,
+        lm=lm,
+        chunker=chunker,
+        replace_all=False,
+    )
+    return res
+
+
+def _evaluate_locked(
+    folder,
+    run_cfg,
+    keys,
+    metric_objs,
+    ann,
+    items,
+    targets,
+    device,
+    progress,
+    log,
+    lm=None,
+    chunker=None,
+    replace_all=True,
+):
+    dev = resolve_device(device or run_cfg.device) if lm is None else next(lm.model.parameters()).device
+    lm = lm or load_model_cfg(run_cfg.model, dev)
+    chunker = chunker or Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=run_cfg.model.layer)
+    ctx.probability = "sigmoid" if run_cfg.score == "sigmoid" else "softmax"
     methods = {}
     if any("method" in m.needs for m in metric_objs):  # sanity recomputes maps: bind at the run's layers
         layers = folder.resolved.get("layers") or {}
         for key, spec in run_cfg.specs():
             methods[key] = spec.bind(make_context(lm, chunker=chunker, layer=layers.get(key) or run_cfg.model.layer))
-    sink, count = MetricSink(folder.out, metric_objs, ctx, methods, ann, replace_all=True), _Counter()
+    sink, count = MetricSink(folder.out, metric_objs, ctx, methods, ann, replace_all=replace_all), _Counter()
     extra = StoredMaps(folder, keys, [it.rel for it in items], targets)
     loader = make_loader(
         ImageDataset(items, lm.preprocess, run_cfg.max_pixels, extra), run_cfg.batch_size, run_cfg.workers

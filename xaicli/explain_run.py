@@ -1,6 +1,8 @@
 """`xai explain` (and `--metrics`): the engine wired to the map, error and metric sinks.
 
-discover -> plan (resume) -> lock -> load the model -> bind each method once -> Engine.run.
+discover -> plan (resume) -> lock -> load the model -> bind each method once -> [redraw PNGs when
+only display settings changed; score metrics new to the folder on its stored maps] -> run.yaml ->
+Engine.run (each image with the methods it still needs; several rows per image with several targets).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, is_target_word, split_labels, topk_of
 from .data import Discovery, ImageDataset, ImageItem, discover, display_path, make_loader, side_keys
 from .engine import BatchResult, Engine, error_row, explain_step, plain_logits
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
@@ -21,7 +23,7 @@ from .metrics import build_metrics, load_annotations
 from .models import LoadedModel
 from .models.registry import load_model_cfg, resolve_device
 from .ops import Chunker
-from .outputs import explanation_fields, map_paths, write_manifest, write_run_yaml
+from .outputs import explanation_fields, map_key, map_paths, write_manifest, write_run_yaml
 from .progress import InnerProgress
 from .reader import manifest_of
 from .sinks import ErrorSink, MapSink, MapStyle, MetricSink
@@ -31,6 +33,7 @@ from .state import (
     apply_plan,
     check_state,
     config_hash,
+    config_parts,
     make_plan,
     parse_shard,
     repair_lock,
@@ -54,6 +57,9 @@ class RunSummary:
     metrics: object | None = None  # sinks.EvalSummary when the run computed metrics (--metrics)
     metric_seconds: dict[str, float] = field(default_factory=dict)  # device time per metric (--metrics)
     maps: list[Path] = field(default_factory=list)  # a single-image run: the PNGs it wrote
+    redrawn: int = 0  # PNGs redrawn from stored maps (only display settings changed)
+    backfilled: dict = field(default_factory=dict)  # metrics new to the folder, scored on its stored maps
+    added: list = field(default_factory=list)  # methods new to the folder (computed for every image)
 
     @property
     def exit_code(self) -> int:
@@ -76,9 +82,10 @@ class RunOptions:
     repair: bool = False  # set damaged state files aside and rebuild them from what is on disk
 
 
-def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str, int]:
-    """Labels CSV (columns image, class) -> {image key: class index}; `image` matches an item by
-    the side-file rule (data.side_keys); `class` is a class index or a class name."""
+def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str, list[int]]:
+    """Labels CSV (columns image, class) -> {image key: [class index, ...]}; `image` matches an
+    item by the side-file rule (data.side_keys); `class` is a class index or a class name, or
+    several separated by `;` (or `|`); an image may also have several rows (its classes add up)."""
     from .outputs import read_csv
 
     p = Path(path)
@@ -86,15 +93,19 @@ def load_labels(path: str | Path, disc: Discovery, lm: LoadedModel) -> dict[str,
     if not rows or not {"image", "class"} <= set(rows[0]):
         raise ConfigError(f"target: labels file {p} needs a header with the columns image,class")
     by_name = {n: i for i, n in enumerate(lm.class_names)}
-    table: dict[str, int] = {}
+    table: dict[str, list[int]] = {}
     for r in rows:
-        c = (r.get("class") or "").strip()
-        idx = int(c) if c.isdigit() else by_name.get(c)
-        if idx is None:
-            raise ConfigError(f"target: labels file {p}: '{c}' is neither a class index nor a class name")
-        if not 0 <= idx < len(lm.class_names):
-            raise ConfigError(f"target: labels file {p}: class {idx} is out of range (0..{len(lm.class_names) - 1})")
-        table[(r["image"] or "").strip()] = idx
+        for c in split_labels(r.get("class") or "") or [""]:
+            idx = int(c) if c.isdigit() else by_name.get(c)
+            if idx is None:
+                raise ConfigError(f"target: labels file {p}: '{c}' is neither a class index nor a class name")
+            if not 0 <= idx < len(lm.class_names):
+                raise ConfigError(
+                    f"target: labels file {p}: class {idx} is out of range (0..{len(lm.class_names) - 1})"
+                )
+            classes = table.setdefault((r["image"] or "").strip(), [])
+            if idx not in classes:
+                classes.append(idx)
     out = {}
     for it in disc.items:
         k = next((k for k in side_keys(it.rel, it.path, disc.root) if k in table), None)
@@ -126,30 +137,47 @@ PREDICTED = -1  # a target meaning "the predicted class" (labels file + target_f
 
 
 class TargetOf:
-    """Picklable `extra` for the dataset: the class to explain for item i (labels file or fixed)."""
+    """Picklable `extra` for the dataset: the class to explain for item i (labels file or fixed),
+    or its classes ([K], padded with -1 to the run's most classes per image) in a multi-label file."""
 
-    def __init__(self, targets: list[int]):
+    def __init__(self, targets: list):
         self.targets = targets
+        lists = [t for t in targets if isinstance(t, list)]
+        self.width = max((len(t) for t in lists), default=0)
 
     def __call__(self, i: int) -> dict:
-        return {"target": torch.tensor(self.targets[i], dtype=torch.long)}
+        t = self.targets[i]
+        if isinstance(t, list):
+            t = t + [-1] * (self.width - len(t))
+        return {"target": torch.tensor(t, dtype=torch.long)}
 
 
 def resolve_targets(cfg: RunConfig, disc: Discovery, lm: LoadedModel, work: list[ImageItem]):
-    """(items to run, their targets or None for 'predicted', error rows for items without a label)."""
+    """(items to run, their targets or None for 'predicted' / topk / positives, error rows for
+    items without a label). Targets are class indices, or lists of them in a multi-label run."""
     if isinstance(cfg.target, int):
         if cfg.target >= len(lm.class_names):
             raise ConfigError(
                 f"target: class {cfg.target} is out of range (the model has {len(lm.class_names)} classes)"
             )
         return work, [cfg.target] * len(work), []
-    if cfg.target == "predicted":
+    if is_target_word(cfg.target):
         return work, None, []
     if not Path(cfg.target).is_file():  # a class name: --target 'tiger cat'
         return work, [class_index(cfg.target, lm)] * len(work), []
     labels = load_labels(cfg.target, disc, lm)
     if cfg.target_fallback == "predicted":  # -1: the predicted class (filled in by the step)
-        return work, [labels.get(it.rel, PREDICTED) for it in work], []
+        multi = cfg.multi_target()
+        return (
+            work,
+            [
+                (labels[it.rel] if multi else labels[it.rel][0])
+                if it.rel in labels
+                else ([PREDICTED] if multi else PREDICTED)
+                for it in work
+            ],
+            [],
+        )
     keep = [it for it in work if it.rel in labels]
     missing = [
         error_row(
@@ -158,7 +186,23 @@ def resolve_targets(cfg: RunConfig, disc: Discovery, lm: LoadedModel, work: list
         for it in work
         if it.rel not in labels
     ]
-    return keep, [labels[it.rel] for it in keep], missing
+    multi = cfg.multi_target()
+    return keep, [labels[it.rel] if multi else labels[it.rel][0] for it in keep], missing
+
+
+def choose_targets(logits: torch.Tensor, given: torch.Tensor | None, cfg: RunConfig) -> list[list[int]]:
+    """The classes to explain per image of a multi-target run: the top K logits (`topk:K`), every
+    class whose sigmoid is above `threshold` (`positives`; an image with none gets its top class,
+    its target_prob then shows it is below the threshold), or the labels file's ([B, K], -1 padded)."""
+    if given is not None:  # an image the labels file does not list (all -1) gets its top class
+        rows = [[int(c) for c in row if c >= 0] for row in given.reshape(len(given), -1).tolist()]
+        return [r or ([int(logits[j].argmax())] if logits is not None else []) for j, r in enumerate(rows)]
+    k = topk_of(cfg.target)
+    if k is not None:
+        return logits.topk(min(k, logits.shape[1]), dim=1).indices.tolist()
+    probs = torch.sigmoid(logits.float())
+    top = logits.argmax(dim=1).tolist()
+    return [[c for c in range(p.shape[0]) if p[c] > cfg.threshold] or [t] for p, t in zip(probs, top, strict=True)]
 
 
 def run_explain(cfg: RunConfig, *, progress=None, options: RunOptions | None = None, on_wait=None) -> RunSummary:
@@ -196,26 +240,25 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     lm = load_model_cfg(cfg.model, device)
     chunker = Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=cfg.model.layer)
+    ctx.probability = "sigmoid" if cfg.score == "sigmoid" else "softmax"
     methods = {key: spec.bind(ctx) for key, spec in cfg.specs()}  # bound once per model
     work, targets, missing = resolve_targets(cfg, disc, lm, [items[i] for i in todo])
     trash = apply_plan(out, items, plan, todo, list(methods))
-    resolved = {
-        "device": str(device),
-        "input_root": display_path(disc.root),
-        "images": len(items),
-        "shard": opts.shard,
-        "layers": {k: b.resolved()["layer"] for k, b in methods.items() if "layer" in b.resolved()},
-        "input_size": list(lm.preprocess.input_size),
-    }
-    write_run_yaml(out, dump_config(cfg), {"config_hash": chash, "resolved": resolved})
+    redrawn = _redraw(cfg, plan, out, lm, methods, log)
+    backfilled = {} if opts.force else _backfill_metrics(cfg, plan, out, lm, chunker, log, progress)
+    resolved = _resolved(cfg, opts, disc, items, device, lm, methods)
+    write_run_yaml(out, dump_config(cfg), {"config_hash": chash, "hashes": config_parts(cfg), "resolved": resolved})
     if trash is not None:  # the new run.yaml is on disk: the old config's outputs can go
         shutil.rmtree(trash, ignore_errors=True)
     summary = RunSummary(out=out, total=len(items), ignored=disc.ignored, skipped=plan.up_to_date)
+    summary.redrawn, summary.added, summary.backfilled = redrawn, plan.added, backfilled
     log.event("run_start", config_hash=chash, images=len(items), todo=len(todo), up_to_date=plan.up_to_date)
+    if plan.added:
+        log.event("methods_added", methods=plan.added)
     sinks = _sinks(cfg, out, lm, ctx, methods, plan.keys, summary, log)
     dataset = ImageDataset(work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None)
     loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-    engine = Engine(_step(methods, chunker, work, progress), sinks, device, progress, log)
+    engine = Engine(_step(methods, chunker, work, cfg, plan.need, progress), sinks, device, progress, log)
     status, reason = "error", None
     try:
         with eval_mode(lm.model):
@@ -238,7 +281,81 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     return summary
 
 
-def _step(methods: dict, chunker: Chunker, work: list[ImageItem], progress=None):
+def _resolved(cfg, opts, disc, items, device, lm, methods) -> dict:
+    """What the run resolved, for run.yaml's `resolved:`."""
+    resolved = {
+        "device": str(device),
+        "input_root": display_path(disc.root),
+        "images": len(items),
+        "shard": opts.shard,
+        "layers": {k: b.resolved()["layer"] for k, b in methods.items() if "layer" in b.resolved()},
+        "input_size": list(lm.preprocess.input_size),
+    }
+    if cfg.multi_target():  # maps are OUT/<method>/<rel>__<class>.png|.npy (reader.RunFolder reads it)
+        resolved["multi_target"] = True
+    resolved["preprocess"] = lm.preprocess.to_dict()  # `xai render` redraws without the model
+    return resolved
+
+
+def _redraw(cfg, plan, out: Path, lm, methods: dict, log) -> int:
+    """Only display settings changed: the kept maps' PNGs are redrawn, not recomputed."""
+    if not plan.redraw:
+        return 0
+    from .render import redraw
+
+    kinds = {k: b.spec.map_kind for k, b in methods.items()}
+    n = redraw(out, MapStyle.of(cfg, kinds), lm.preprocess, max_pixels=cfg.max_pixels).maps
+    log.event("redrawn", maps=n)
+    return n
+
+
+def _backfill_metrics(cfg, plan, out: Path, lm, chunker, log, progress) -> dict[str, int]:
+    """Metrics new to the folder (not in its run.yaml, or with other parameters) for the maps that
+    are already there: computed from the stored maps like `xai evaluate`, before the new run.yaml
+    is written (a kill here leaves them new for the next run). The loop computes every metric for
+    the maps it makes. Returns {metric: rows written}."""
+    prev = plan.previous.get("config") or {}
+    if not cfg.metrics or plan.replace_config or not prev:
+        return {}
+    old = {
+        (m.get("name"), str(sorted((k, str(v)) for k, v in m.items() if k != "name")))
+        for m in prev.get("metrics") or []
+        if isinstance(m, dict)
+    }
+    new_metrics = [
+        m
+        for m, d in zip(cfg.metrics, dump_config(cfg)["metrics"], strict=True)
+        if (d["name"], str(sorted((k, str(v)) for k, v in d.items() if k != "name"))) not in old
+    ]
+    prev_keys = {(m.get("id") or m.get("name")) for m in prev.get("methods") or [] if isinstance(m, dict)}
+    keys = [m.key for m in cfg.methods if m.key in prev_keys]
+    specs = [
+        {"name": m.name, "params": dict(m.params)}
+        for m in new_metrics
+        if m.params.get("against") is None or m.params.get("against") in keys
+    ]
+    if not specs or not keys:
+        return {}
+    from .evaluate import evaluate_maps
+
+    res = evaluate_maps(out, specs, keys, lm, chunker, log, progress, annotations=cfg.annotations)
+    log.event("metrics_backfilled", metrics=[s["name"] for s in specs], images=res.images)
+    return {r["metric"]: int(r["n"]) for r in res.rows}
+
+
+def _need(methods: dict, items: list[ImageItem], need: dict[str, list[str]]) -> dict[str, list[int]] | None:
+    """{method: rows of the batch to compute} when some images need only some methods (plan.need)."""
+    if not need or not any(it.rel in need for it in items):
+        return None
+    return {k: [j for j, it in enumerate(items) if it.rel not in need or k in need[it.rel]] for k in methods}
+
+
+def _step(
+    methods: dict, chunker: Chunker, work: list[ImageItem], cfg: RunConfig, need: dict | None = None, progress=None
+):
+    multi = cfg.multi_target()
+    need = need or {}
+
     def step(x, batch) -> BatchResult:
         inner = InnerProgress(progress, len(batch.indices), len(methods)) if hasattr(progress, "partial") else None
         chunker.on_chunk = inner.chunk if inner else None
@@ -249,10 +366,27 @@ def _step(methods: dict, chunker: Chunker, work: list[ImageItem], progress=None)
 
     def _one_step(x, batch, inner) -> BatchResult:
         target = batch.extra["target"].to(x.device) if "target" in batch.extra else None
-        if target is not None and bool((target == PREDICTED).any()):
-            target = torch.where(target == PREDICTED, plain_logits(_model(methods), x, chunker).argmax(dim=1), target)
-        tgt, logits, outputs = explain_step(methods, x, target, chunker, inner.method if inner else None)
-        return BatchResult([work[i] for i in batch.indices], x, batch.origs, tgt, logits, outputs)
+        items = [work[i] for i in batch.indices]
+        on_method = inner.method if inner else None
+        if not multi:
+            if target is not None and bool((target == PREDICTED).any()):  # target_fallback: predicted
+                target = torch.where(
+                    target == PREDICTED, plain_logits(_model(methods), x, chunker).argmax(dim=1), target
+                )
+            tgt, logits, outputs = explain_step(methods, x, target, chunker, _need(methods, items, need), on_method)
+            return BatchResult(items, x, batch.origs, tgt, logits, outputs)
+        # several targets per image: one row per (image, target), the image repeated
+        unlisted = target is not None and bool((target < 0).all(dim=-1).any())  # target_fallback: predicted
+        logits0 = plain_logits(_model(methods), x, chunker) if target is None or unlisted else None
+        per = choose_targets(logits0, target, cfg)
+        rows = [(j, c) for j, cs in enumerate(per) for c in cs]
+        idx = torch.tensor([j for j, _ in rows], device=x.device, dtype=torch.long)
+        te = torch.tensor([c for _, c in rows], device=x.device, dtype=torch.long)
+        rows_items = [items[j] for j, _ in rows]
+        tgt, logits, outputs = explain_step(methods, x[idx], te, chunker, _need(methods, rows_items, need), on_method)
+        keys = [map_key(items[j].rel, c, True) for j, c in rows]
+        origs = [batch.origs[j] for j, _ in rows]
+        return BatchResult(rows_items, x[idx], origs, tgt, logits, outputs, keys=keys)
 
     return step
 
@@ -264,16 +398,14 @@ def _model(methods: dict):
 def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
     errors = ErrorSink(out, summary, log)
     extras = [e for b in methods.values() for e in b.spec.extras]
-    o = cfg.overlay_style()
-    kinds = {k: b.spec.map_kind for k, b in methods.items()}
-    style = MapStyle(o.colormap, o.alpha, o.diverging, o.clip_percentile, o.caption, o.colorbar, kinds)
+    style = MapStyle.of(cfg, {k: b.spec.map_kind for k, b in methods.items()})
     sinks = [errors]
     if cfg.metrics:
         # before the map sink: a batch's metric rows (OUT/.metrics-partial.csv) are on disk before
         # its explanations.csv rows, so an image a kill leaves up to date always has its metrics
         metrics = build_metrics(cfg.metrics, list(methods))
         sinks.append(MetricSink(out, metrics, ctx, methods, load_annotations(cfg.annotations, metrics)))
-    sinks.append(MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors))
+    sinks.append(MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors, cfg.score))
     return sinks
 
 

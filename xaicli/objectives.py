@@ -48,6 +48,11 @@ def prob(logits: Tensor, target: Tensor) -> Tensor:
     return torch.softmax(logits.float(), dim=1).gather(1, target[:, None])[:, 0]
 
 
+@register_objective("sigmoid", "the sigmoid of the target logit (multi-label and binary heads, `score: sigmoid`)")
+def sigmoid(logits: Tensor, target: Tensor) -> Tensor:
+    return torch.sigmoid(logit(logits, target).float())
+
+
 @register_objective("neg_logit", "minus the target logit: evidence against the class (counterfactual)")
 def neg_logit(logits: Tensor, target: Tensor) -> Tensor:
     return -logit(logits, target)

@@ -9,9 +9,9 @@ its writers. xaicli/reader.py reads the same layout back.
     OUT/<method>/<rel>.png            heatmap overlay at the original resolution
     OUT/<method>/<rel>.npy            raw map, float32, HxW of the model input, unnormalized
     OUT/<method>/<rel>/<name>.png|npy the same for a method that returns K named maps per image
+    OUT/<method>/<rel>__<class>.png|.npy  (and <rel>__<class>/<name>.*) when the run explains
+                                      several targets per image (map_key): one row per target
     OUT/concepts/                     `xai concepts tcav|extract` (xaicli/concepts/, docs/concepts.md)
-from .errors import StateError
-from .ops import display01
 
 Files are written to a temporary name in the same folder and renamed (atomic on POSIX); CSV
 rows are appended whole and flushed (fsync) at batch boundaries; a whole CSV is only ever
@@ -93,6 +93,12 @@ MANIFEST = "manifest.json"
 def explanation_fields(extras: list[str] | tuple[str, ...] = ()) -> list[str]:
     """explanations.csv's columns: the core ones with the methods' declared extras before `path`."""
     return _HEAD + [e for e in dict.fromkeys(extras) if e not in CORE_FIELDS] + _TAIL
+
+
+def map_key(rel: str, target: int | str | None = None, multi: bool = False) -> str:
+    """The key of one map under OUT/<method>/: the image's `rel`, or `<rel>__<class>` (class index)
+    in a run that explains several targets per image (topk:K, positives, multi-label files)."""
+    return f"{rel}__{target}" if multi else rel
 
 
 def map_paths(out: Path, method: str, rel: str, name: str | None = None) -> tuple[Path, Path]:

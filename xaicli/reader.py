@@ -27,6 +27,7 @@ from .outputs import (
     READ_FIELDS,
     REPAIR_HINT,
     damaged,
+    map_key,
     map_paths,
     method_keys,
     read_csv,
@@ -75,6 +76,15 @@ class RunFolder:
         return self.run.get("versions") or {}
 
     @property
+    def multi_target(self) -> bool:
+        """Several targets per image: rows and maps are keyed `<rel>__<class>` (outputs.map_key)."""
+        return bool(self.resolved.get("multi_target"))
+
+    def row_key(self, row: dict) -> str:
+        """The map key of an explanations.csv row: its image, or `<image>__<target_class>`."""
+        return map_key(row["image"], row.get("target_class"), self.multi_target)
+
+    @property
     def methods(self) -> dict[str, tuple[str, ...]]:
         return {key: tuple(spec.map_names) for key, spec in self.config.specs()}  # may depend on params
 
@@ -83,10 +93,12 @@ class RunFolder:
         return read_csv(self.out / "explanations.csv", READ_FIELDS)
 
     def latest(self) -> dict[str, dict[str, dict]]:
-        """{image: {method: row}}, the last row of each (image, method) winning."""
+        """{map key: {method: row}}, the last row of each (key, method) winning. The key is the
+        image (`rel`), or `<rel>__<class>` in a run with several targets per image; `load_map`,
+        `has_maps` and `overlay_file` take that key."""
         by_image: dict[str, dict[str, dict]] = {}
         for r in self.explanations():
-            by_image.setdefault(r["image"], {})[r["method"]] = r
+            by_image.setdefault(self.row_key(r), {})[r["method"]] = r
         return by_image
 
     def errors(self) -> list[dict]:

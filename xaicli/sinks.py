@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .data import display_path
-from .engine import OK, BatchResult, sync
+from .engine import OK, SKIP, BatchResult, sync
 from .outputs import (
     ERROR_FIELDS,
     METRIC_FIELDS,
@@ -76,6 +76,11 @@ class ErrorSink:
 def _write_one(out: Path, png: Path, npy: Path, cam: np.ndarray, orig: np.ndarray, box, look: dict, caption):
     ensure_inside(out, png)
     save_npy(npy, cam)
+    draw_png(png, cam, orig, box, look, caption)
+
+
+def draw_png(png: Path, cam: np.ndarray, orig: np.ndarray, box, look: dict, caption) -> None:
+    """The overlay PNG of one map (MapStyle.look), with its caption strip when asked for."""
     img = overlay(orig, cam, box, look["cmap"], look["alpha"], look["kind"], look["clip_percentile"])
     if caption is not None or look["colorbar"]:
         img = caption_strip(img, caption, look["cmap"] if look["colorbar"] else None, look["kind"])
@@ -94,6 +99,12 @@ class MapStyle:
     colorbar: bool = False
     kinds: dict[str, str] = field(default_factory=dict)  # method key -> spec.map_kind
 
+    @classmethod
+    def of(cls, cfg, kinds: dict[str, str]) -> MapStyle:
+        """The style of a RunConfig (its overlay section, colormap/alpha filled from the top level)."""
+        o = cfg.overlay_style()
+        return cls(o.colormap, o.alpha, o.diverging, o.clip_percentile, o.caption, o.colorbar, kinds)
+
     def look(self, key: str) -> dict:
         kind = self.kinds.get(key, "positive")
         cmap = self.diverging if kind == "signed" else self.colormap
@@ -104,6 +115,15 @@ class MapStyle:
             "clip_percentile": self.clip_percentile,
             "colorbar": self.colorbar,
         }
+
+
+def probabilities(logits: torch.Tensor, score: str = "logit") -> torch.Tensor:
+    """The reported probabilities [B, C]: softmax, or per-class sigmoids with `score: sigmoid`
+    and for a single-logit (binary) head, whose softmax would always be 1."""
+    logits = logits.float()
+    if score == "sigmoid" or logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)
 
 
 def caption_of(row: dict, name: str | None = None) -> str:
@@ -122,8 +142,11 @@ class MapSink:
     that image and method only: its row goes to errors.csv instead.
     """
 
-    def __init__(self, out: Path, lm, fields, keys: dict, style: MapStyle, summary, log, errors: ErrorSink):
+    def __init__(
+        self, out: Path, lm, fields, keys: dict, style: MapStyle, summary, log, errors: ErrorSink, score: str = "logit"
+    ):
         self.out, self.lm, self.style, self.summary, self.log, self.errors = out, lm, style, summary, log, errors
+        self.score = score  # sigmoid: probabilities are per-class sigmoids (also for a single-logit head)
         self.keys = keys  # rel -> (size, mtime_ns): the resume key
         self.table = CsvAppender(out / "explanations.csv", fields)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="xai-writer")
@@ -133,22 +156,27 @@ class MapSink:
         pass
 
     def consume(self, result: BatchResult) -> None:
-        probs = torch.softmax(result.logits.float(), dim=1).cpu()
+        probs = probabilities(result.logits, self.score).cpu()
         tgt = result.target.cpu()
         origs = [o.numpy() for o in result.origs]
         futures, rows = [], []
         for key, out in result.outputs.items():
+            if all(st == SKIP for st in out.status):  # up to date for every image of the batch
+                continue
             maps = out.maps.detach().float().cpu()  # one transfer per batch and method
             self.summary.method_seconds[key] = self.summary.method_seconds.get(key, 0.0) + out.seconds
             for j, it in enumerate(result.items):
+                if out.status[j] == SKIP:
+                    continue
                 row = self._row(key, out, j, it, maps[j], probs[j], int(tgt[j]))
+                row["_key"] = result.key(j)  # not a column: the map's key, for write failures
                 rows.append(row)
                 if out.status[j] == OK:
-                    futures += self._submit(key, out.names, it.rel, maps[j], origs[j], row)
+                    futures += self._submit(key, out.names, result.key(j), maps[j], origs[j], row)
                 else:
                     self.summary.flagged += 1
                     self.log.event("map_flagged", image=it.rel, method=key, status=out.status[j])
-        self.summary.done += len(result.items)
+        self.summary.done += len({it.rel for it in result.items})
         self.pending.append((futures, rows))
         self._drain(block=len(self.pending) > 4)
 
@@ -164,7 +192,7 @@ class MapSink:
             "top1_class": int(top_c),
             "top1_label": self.lm.label(int(top_c)),
             "top1_prob": f"{float(top_p):.6f}",
-            "seconds": f"{out.seconds / len(out.status):.6f}",
+            "seconds": f"{out.seconds / max(1, sum(st != SKIP for st in out.status)):.6f}",
             "map_min": f"{float(m.min()):.6g}",
             "map_max": f"{float(m.max()):.6g}",
             "status": out.status[j],
@@ -198,18 +226,18 @@ class MapSink:
                     if not isinstance(exc, OSError):
                         raise exc
                     failed[(image, method)] = f"could not write output: {type(exc).__name__}: {exc}"
-            bad = [r for r in rows if (r["image"], r["method"]) in failed]
+            bad = [r for r in rows if (r["_key"], r["method"]) in failed]
             self.errors.fail(
                 [
                     {
                         "image": r["image"],
                         "path": r["path"],
-                        "reason": f"{r['method']}: {failed[(r['image'], r['method'])]}",
+                        "reason": f"{r['method']}: {failed[(r['_key'], r['method'])]}",
                     }
                     for r in bad
                 ]
             )
-            self.table.append([r for r in rows if (r["image"], r["method"]) not in failed])
+            self.table.append([r for r in rows if (r["_key"], r["method"]) not in failed])
             block = block and len(self.pending) > 4
 
     def close(self, status: str) -> None:
@@ -262,15 +290,17 @@ class MetricSink:
 
     def consume(self, result: BatchResult) -> None:
         boxes, labels = self._boxes(result)
-        maps = {}  # a method with K named maps is scored per map, as "<method>/<name>"
+        maps, skip = {}, {}  # a method with K named maps is scored per map, as "<method>/<name>"
         for k, o in result.outputs.items():
             maps.update({f"{k}/{n}": o.maps[:, j] for j, n in enumerate(o.names)} if o.names else {k: o.maps})
+            skipped = {j for j, st in enumerate(o.status) if st == SKIP}  # up to date: not computed now
+            skip.update({f"{k}/{n}": skipped for n in o.names} if o.names else {k: skipped})
         rows = []
         for metric in self.metrics:
             sync(result.x.device)
             t0 = time.perf_counter()
             for key, m in maps.items():
-                rows += self._one(metric, key, m, maps, result, boxes, labels)
+                rows += self._one(metric, key, m, maps, result, boxes, labels, skip)
             sync(result.x.device)
             self.seconds[metric.name] += time.perf_counter() - t0
         self.rows.append(rows)
@@ -286,18 +316,20 @@ class MetricSink:
         labels = [self.annotations.class_labels_in_input(it.rel, it.path, size, pre, hw) for it, size in pairs]
         return boxes, labels
 
-    def _one(self, metric, key: str, m, maps: dict, result: BatchResult, boxes, labels=None) -> list[dict]:
-        extras, sel = {}, list(range(len(result.items)))
+    def _one(self, metric, key: str, m, maps: dict, result: BatchResult, boxes, labels=None, skip=None) -> list[dict]:
+        skip = skip or {}
+        extras, sel = {}, [j for j in range(len(result.items)) if j not in skip.get(key, ())]
         if "reference" in metric.needs:
             if key == metric.against:
                 return []
             extras["reference"] = maps[metric.against].float()
+            sel = [j for j in sel if j not in skip.get(metric.against, ())]
         if "method" in metric.needs:
             if key not in self.methods:  # one of K named maps: no single map to recompute
                 return []
             extras["method"] = self.methods[key]
         if "boxes" in metric.needs:
-            sel = [j for j, b in enumerate(boxes) if b is not None and len(b)]
+            sel = [j for j in sel if boxes[j] is not None and len(boxes[j])]
             extras["boxes"] = [boxes[j] for j in sel]
             extras["box_labels"] = [labels[j] for j in sel]  # class index per box (None: unlabelled)
         if not sel:
@@ -306,7 +338,7 @@ class MetricSink:
         if "reference" in extras:
             extras["reference"] = extras["reference"][idx]
         res = metric(self.ctx, result.x[idx], m.float()[idx], result.target[idx], **extras)
-        its = [result.items[j] for j in sel]
+        its = [result.key(j) for j in sel]
         for name, curve in res.curves.items():
             y = curve.y.detach().double().cpu()
             ok = torch.isfinite(y).all(dim=1)
@@ -314,14 +346,13 @@ class MetricSink:
             acc[0] += y[ok].sum(0)
             acc[1] += int(ok.sum())
         for r in res.table:
-            self.sanity_rows.append({"image": its[r.pop("index")].rel, "method": key, **r})
+            self.sanity_rows.append({"image": its[r.pop("index")], "method": key, **r})
         rows = []
         for name, val in res.scores.items():
             self.directions.setdefault(name, metric.direction)
             vals = val.detach().double().cpu().tolist()
             rows += [
-                {"image": it.rel, "method": key, "metric": name, "value": _fmt(v)}
-                for it, v in zip(its, vals, strict=True)
+                {"image": it, "method": key, "metric": name, "value": _fmt(v)} for it, v in zip(its, vals, strict=True)
             ]
         return rows
 
@@ -427,13 +458,17 @@ def class_averaged(out: Path, rows: list[dict], summary: list[dict], metrics: se
 def summarize_by_class(out: Path, rows: list[dict]) -> list[dict]:
     """metrics_summary.csv per class: `by` = predicted (the top-1 class of explanations.csv) and,
     when the run's target was a labels file, `by` = true (the labelled class, its target_class)."""
-    from .outputs import read_run_yaml
+    from .config import is_target_word
+    from .outputs import map_key, read_run_yaml
 
-    target = (read_run_yaml(out).get("config") or {}).get("target")
-    labelled = isinstance(target, str) and target != "predicted" and not target.strip().isdigit()
+    run = read_run_yaml(out)
+    target = (run.get("config") or {}).get("target")
+    labelled = isinstance(target, str) and not is_target_word(target)
+    multi = bool((run.get("resolved") or {}).get("multi_target"))
     by_image: dict[str, dict] = {}
     for r in read_csv(out / "explanations.csv"):
-        by_image[r["image"]] = r  # every method row of an image has the same classes
+        # every method row of a map key has the same classes (metrics.csv's image is the map key)
+        by_image[map_key(r["image"], r.get("target_class"), multi)] = r
     result = []
     for by, col in [("predicted", "top1")] + ([("true", "target")] if labelled else []):
         groups: dict[tuple[str, str], list[dict]] = {}

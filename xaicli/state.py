@@ -1,10 +1,11 @@
 """What a run may skip, and who may write: resume planning, the config hash, the output lock.
 
-Resume: an image is up to date when explanations.csv holds a row for every method of this
-config with the image's current size and mtime, and its files exist. Everything else is done
-(again). Rows of images about to be redone are dropped first (atomic rewrite), so a resumed run
-never duplicates a row. A different config in the same output folder is refused (or, with
---force, its outputs are replaced), so results of two configs never mix.
+Resume: an (image, method) is up to date when explanations.csv holds its row(s) with the image's
+current size and mtime, and its files exist; an image runs only the methods that are not
+(`Plan.need`). Rows about to be redone are dropped first (atomic rewrite), so a resumed run
+never duplicates a row. A config that only adds methods or changes display settings continues
+the folder (config_parts); any other change is refused naming the keys (or, with --force, the
+old outputs are replaced), so results of two configs never mix.
 
 The output lock lives in xaicli/locks.py.
 """
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig, dump_config
+from .config import PREPROCESS_KEYS, RunConfig, dump_config, model_file
 from .data import ImageItem
 from .errors import ConfigError, StateError
 from .locks import LOCK_NAME, OutputLock, close_inherited_locks  # noqa: F401  (re-exported)
@@ -34,6 +35,7 @@ from .outputs import (
     csv_header,
     csv_records,
     damaged,
+    map_key,
     map_paths,
     method_keys,
     read_csv,
@@ -49,7 +51,7 @@ def config_hash(cfg: RunConfig) -> str:
     """Hash of everything that changes the outputs (not device, batch size, workers or output).
 
     Display settings (colormap, alpha, the `overlay:` section) are in it because the overlay PNGs
-    are outputs: a folder drawn with other settings is refused (--force redraws it). The overlay
+    are outputs (config_parts splits them off: a change only redraws the PNGs). The overlay
     section counts only when it differs from its defaults, so the hash of a config without it is
     the one earlier versions computed. `sheet` is not in it: sheets are rebuilt from the overlays.
 
@@ -61,10 +63,94 @@ def config_hash(cfg: RunConfig) -> str:
     doc = {k: d.get(k) for k in HASH_KEYS}
     if cfg.overlay == type(cfg.overlay)():  # the default overlay section: the hash of older configs stays
         del doc["overlay"]
-    files = [cfg.model.weights, cfg.model.class_names, cfg.target if isinstance(cfg.target, str) else None]
-    files += [v for m in cfg.methods for v in METHODS[m.name].file_params(m.params).values()]
-    doc["files"] = {f: file_key(Path(f)) for f in files if f and Path(f).is_file()}
+    # model keys added later count only when set, so the hash of a config without them stays
+    doc["model"] = {k: v for k, v in doc["model"].items() if k not in PREPROCESS_KEYS or v is not None}
+    doc.update(_new_keys(cfg))
+    doc["files"] = _files(cfg)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _new_keys(cfg: RunConfig) -> dict:
+    """Keys added after the hash's first version, only when they differ from their defaults."""
+    fields = type(cfg).model_fields
+    return {k: getattr(cfg, k) for k in ("score", "threshold") if getattr(cfg, k) != fields[k].default}
+
+
+def _files(cfg: RunConfig, methods=None) -> dict:
+    """{path: (size, mtime_ns)} of the local files the config names (all, or only those of `methods`)."""
+    if methods is None:
+        files = [cfg.model.weights, cfg.model.class_names, cfg.target if isinstance(cfg.target, str) else None]
+        files.append(model_file(cfg.model.name))
+        methods = cfg.methods
+    else:
+        files = []
+    files += [v for m in methods for v in METHODS[m.name].file_params(m.params).values()]
+    return {f: file_key(Path(f)) for f in files if f and Path(f).is_file()}
+
+
+def _digest(doc) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+BASE_KEYS = ("model", "target", "input", "max_pixels")  # + score, threshold: what every map depends on
+DISPLAY_KEYS = ("colormap", "alpha", "overlay")  # only the PNGs depend on them: `xai render` redraws
+
+
+def config_parts(cfg: RunConfig) -> dict:
+    """The config hash in parts, for incremental runs (run.yaml `hashes:`):
+
+    base       what every map depends on: model (and preprocessing), target, score, input, pixel
+               limit, and the files they name; a change is refused (--force redoes all)
+    methods    {key: hash} of each method's name, parameters and files: a new key is computed
+               for every image, nothing else is; a changed or removed one is refused
+    display    colormap, alpha, the overlay section: a change redraws the PNGs from the stored
+               maps (`xai render`), nothing is recomputed
+    """
+    d = dump_config(cfg)
+    base = {k: d.get(k) for k in BASE_KEYS}
+    base["model"] = {k: v for k, v in base["model"].items() if k != "layer"}  # the layer is each method's
+    base.update(_new_keys(cfg))
+    base_files = _files(cfg, methods=[])
+    base["files"] = base_files
+    methods = {}
+    for m, dm in zip(cfg.methods, d["methods"], strict=True):
+        # the model's layer applies to CAM methods: it belongs to each method, not to the base
+        doc = {"method": dm, "layer": cfg.model.layer, "files": _files(cfg, [m]) | {}}
+        doc["files"] = {f: k for f, k in doc["files"].items() if f not in base_files}
+        methods[m.key] = _digest(doc)
+    return {
+        "base": _digest(base),
+        "methods": methods,
+        "display": _digest({k: d.get(k) for k in DISPLAY_KEYS}),
+        "files": {f: list(k) for f, k in _files(cfg).items()},
+    }
+
+
+def differing_keys(prev: dict, cfg: RunConfig) -> list[str]:
+    """The config keys in which a previous run.yaml differs from `cfg` (for the refusal message)."""
+    old = prev.get("config") or {}
+    new = dump_config(cfg)
+    out = []
+    for k in (*BASE_KEYS, "score", "threshold"):
+        a, b = old.get(k), new.get(k)
+        if k in ("score", "threshold") and a is None:
+            a = type(cfg).model_fields[k].default
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [
+                f"{k}.{s}"
+                for s in sorted(set(a) | set(b))
+                if a.get(s) != b.get(s) and (a.get(s), b.get(s)) != (None, None)
+            ]
+        elif a != b:
+            out.append(k)
+    old_m = {(m.get("id") or m.get("name")): m for m in old.get("methods") or [] if isinstance(m, dict)}
+    new_m = {(m.get("id") or m.get("name")): m for m in new["methods"]}
+    out += [f"methods[{k}] (removed)" for k in old_m if k not in new_m]
+    out += [f"methods[{k}]" for k in new_m if k in old_m and old_m[k] != new_m[k]]
+    files = (prev.get("hashes") or {}).get("files") or {}
+    now = _files(cfg)
+    out += [f"{f} (file changed)" for f in files if f in now and list(now[f]) != list(files[f])]
+    return out
 
 
 def shard_of(key: str, n: int) -> int:
@@ -108,6 +194,11 @@ class Plan:
     replace_config: bool = False  # the folder holds another config's outputs and they go
     keys: dict[str, tuple[int, int] | None] = field(default_factory=dict)  # rel -> (size, mtime_ns)
     previous: dict = field(default_factory=dict)  # the previous run.yaml
+    # rel -> the method keys to compute for that image (the others are up to date); an image of
+    # `todo` that is not here gets every method
+    need: dict[str, list[str]] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)  # methods new to this folder (computed for every image)
+    redraw: bool = False  # display settings changed: redraw the PNGs of the maps not recomputed
 
     def limited(self, limit: int | None) -> list[int]:
         return self.todo[:limit] if limit is not None else self.todo
@@ -129,10 +220,17 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
     prev_hash = str(prev_hash) if prev_hash is not None else None
     keys = {it.rel: file_key(it.path) for it in items}
     other = bool(prev_hash and prev_hash != chash)
+    added, redraw = [], False
     if other and _has_outputs(out, prev):
-        if not force:
+        incremental = _incremental(prev, cfg)
+        if incremental is not None and not force:
+            added, redraw = incremental
+            other = False
+        elif not force:
+            diff = differing_keys(prev, cfg)
+            what = f"; changed: {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}" if diff else ""
             raise ConfigError(
-                f"{out} holds results of a different config (hash {prev_hash}, this one {chash}); "
+                f"{out} holds results of a different config (hash {prev_hash}, this one {chash}){what}; "
                 "use another --out, or --force to replace them"
             )
     elif other:
@@ -140,28 +238,52 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
     if force or other:
         return Plan(list(range(len(items))), replace_config=other, keys=keys, previous=prev)
     methods = [m.key for m in cfg.methods]
-    names = {key: spec.map_names or (None,) for key, spec in cfg.specs()}  # a spec's names may depend on its params (extremal areas, concept_maps' K)
-    done: dict[tuple[str, str], dict] = {}
+    names = {
+        key: spec.map_names or (None,) for key, spec in cfg.specs()
+    }  # a spec's names may depend on its params (extremal areas, concept_maps' K)
+    multi = cfg.multi_target()
+    done: dict[tuple[str, str], dict[str, dict]] = {}  # (image, method) -> {map key: row}
     for r in read_csv(out / "explanations.csv", CORE_FIELDS):
         if _valid(r, CORE_FIELDS):
-            done[(r["image"], r["method"])] = r
-    todo, up = [], 0
+            done.setdefault((r["image"], r["method"]), {})[map_key(r["image"], r["target_class"], multi)] = r
+    todo, up, need = [], 0, {}
     for i, it in enumerate(items):
         k = keys[it.rel]
-        ok = k is not None
-        for m in methods if ok else ():
-            r = done.get((it.rel, m))
-            if r is None or r["size"] != str(k[0]) or r["mtime_ns"] != str(k[1]) or r["status"] == "oom":
-                ok = False
-                break
-            if r["status"] == "ok" and not all(p.exists() for n in names[m] for p in map_paths(out, m, it.rel, n)):
-                ok = False
-                break
-        if ok:
+        stale = [
+            m
+            for m in methods
+            if k is None
+            or not done.get((it.rel, m))
+            or not all(_row_up_to_date(out, r, m, key, k, names[m]) for key, r in done[(it.rel, m)].items())
+        ]
+        if not stale:
             up += 1
         else:
             todo.append(i)
-    return Plan(todo, up, keys=keys, previous=prev)
+            if len(stale) < len(methods):
+                need[it.rel] = stale
+    return Plan(todo, up, keys=keys, previous=prev, need=need, added=added, redraw=redraw)
+
+
+def _incremental(prev: dict, cfg: RunConfig) -> tuple[list[str], bool] | None:
+    """(methods added, display changed) when `cfg` differs from the folder's run.yaml only by new
+    methods and display settings (the rest of the folder stays valid); None otherwise."""
+    old = prev.get("hashes")
+    if not isinstance(old, dict) or not isinstance(old.get("methods"), dict):
+        return None  # a run.yaml of an earlier version: only its whole hash is known
+    new = config_parts(cfg)
+    if old.get("base") != new["base"]:
+        return None
+    if any(new["methods"].get(k) != h for k, h in old["methods"].items()):
+        return None  # a method changed or was removed: its maps would be stale or orphaned
+    return [k for k in new["methods"] if k not in old["methods"]], old.get("display") != new["display"]
+
+
+def _row_up_to_date(out: Path, r: dict, method: str, key: str, k: tuple[int, int], names) -> bool:
+    """A row of the current source file (size, mtime), not `oom`, with its files when `ok`."""
+    if r["size"] != str(k[0]) or r["mtime_ns"] != str(k[1]) or r["status"] == "oom":
+        return False
+    return r["status"] != "ok" or all(p.exists() for n in names for p in map_paths(out, method, key, n))
 
 
 def _rewrite_csv(path: Path, fields: list[str], keep) -> None:
@@ -199,11 +321,15 @@ def apply_plan(out: Path, items: list[ImageItem], plan: Plan, todo: list[int], m
     else:
         redo = {items[i].rel for i in todo}
         keep_methods = set(methods)
-        _rewrite_csv(
-            out / "explanations.csv",
-            CORE_FIELDS,
-            lambda r: r["image"] not in redo and r["method"] in keep_methods,
-        )
+
+        def keep(r) -> bool:
+            if r["method"] not in keep_methods:
+                return False
+            if r["image"] in plan.need:  # only some methods of this image are redone
+                return r["method"] not in plan.need[r["image"]]
+            return r["image"] not in redo
+
+        _rewrite_csv(out / "explanations.csv", CORE_FIELDS, keep)
         _rewrite_csv(out / "errors.csv", ERROR_FIELDS, lambda r: r["image"] not in redo)
     for tmp in out.rglob(TMP_PREFIX + "*"):
         if tmp.is_file() and not tmp.is_symlink():

@@ -70,6 +70,7 @@ class Context:
     preprocess: Any = None  # models.preprocess.Preprocess, when known (IG's image baseline)
     chunker: Chunker = field(default_factory=Chunker)
     layer: str | None = None  # the config's `model.layer`: CAM methods without their own `layer`
+    probability: str = "softmax"  # softmax | sigmoid (`score: sigmoid`): the metrics' class probability
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -130,13 +130,18 @@ def auc(curve: Tensor) -> Tensor:
 def chunked_probs(
     ctx: Context, key: str, total: int, make: Callable[[Tensor], tuple[Tensor, Tensor]], internal_batch: int
 ) -> Tensor:
-    """Softmax probabilities of `total` perturbed images built on demand: `make(idx)` -> (images
+    """Softmax probabilities (sigmoid with the Context's `probability: sigmoid` or one logit) of
+    `total` perturbed images built on demand: `make(idx)` -> (images
     [C,3,H,W], targets [C]) for flat indices idx; the model sees at most `internal_batch` images at
     once, fewer after an out-of-memory (the run's chunker)."""
+
+    sigmoid = getattr(ctx, "probability", "softmax") == "sigmoid"
 
     def score(idx: Tensor) -> Tensor:
         imgs, tgt = make(idx)
         logits = ctx.model(imgs).float()
+        if sigmoid or logits.shape[1] == 1:  # `score: sigmoid` and single-logit (binary) heads
+            return torch.sigmoid(logits).gather(1, tgt[:, None])[:, 0]
         return torch.softmax(logits, 1).gather(1, tgt[:, None])[:, 0]
 
     with torch.no_grad():

@@ -4,6 +4,13 @@ Specs:
     default              the embedded EfficientNet-Lite0 (offline, ImageNet weights)
     torchvision:NAME     any torchvision classifier, e.g. torchvision:resnet50
     timm:NAME            any timm classifier, e.g. timm:convnext_tiny (a tag: timm:NAME.TAG)
+    my_pkg.module:build  your own model: a function (importable module) that returns an nn.Module
+    path/to/file.py:build   the same from a Python file (its folder is importable while it loads)
+
+Your own model's function is called without arguments, or with `num_classes=N` when the config
+sets num_classes and the function takes that parameter. Its preprocessing defaults to ImageNet's
+(224 input, resize 256, centre crop, ImageNet mean/std, bilinear); the config's `model:` keys
+input_size, resize, crop, mean, std, interpolation override any model's preprocessing.
 
 Weights (`weights=`):
     None / "default"     the library's default pretrained weights (download or local cache)
@@ -62,7 +69,12 @@ def _class_names(num_classes: int, names_file: str | Path | None) -> list[str]:
         p = Path(names_file)
         if not p.is_file():
             raise ModelError(f"model.class_names: file not found: {p}")
-        names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (UnicodeDecodeError, OSError) as e:
+            raise ModelError(f"model.class_names: {p} is not a readable UTF-8 text file ({type(e).__name__})") from None
+        if num_classes == 1 and len(names) == 2:  # a binary head: one logit, named by its positive class
+            return names[1:]
         if len(names) != num_classes:
             raise ModelError(f"model.class_names: {p} has {len(names)} names, the model has {num_classes} classes")
         return names
@@ -112,14 +124,142 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _head_mismatch(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(key, classes in the checkpoint, classes of the model) when the checkpoint's classifier
+    head has another number of classes than the built model (every other tensor fits)."""
+    own = model.state_dict()
+    bad = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if not bad or set(own) != set(sd):
+        return None
+    heads = {k for k in bad if k.endswith((".weight", ".bias")) and sd[k].ndim in (1, 2)}
+    rows = {int(sd[k].shape[0]) for k in heads}
+    mine = {int(own[k].shape[0]) for k in heads}
+    same_rest = all(sd[k].shape[1:] == own[k].shape[1:] for k in heads)
+    if set(bad) == heads and len(rows) == 1 and len(mine) == 1 and same_rest:
+        return sorted(heads, key=lambda k: (not k.endswith(".weight"), k))[0], rows.pop(), mine.pop()
+    return None
+
+
 def _load_checkpoint_into(model: nn.Module, path: str) -> None:
     sd = load_state_dict_file(path)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    head = _head_mismatch(model, sd)
+    if head is not None:
+        key, n, m = head
+        raise ModelError(
+            f"model.weights: {path} has a {n}-class head ({key}), the model was built with {m} classes: "
+            f"set `num_classes: {n}` in the config's model section (or --num-classes {n})"
+        )
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         msg = " ".join(str(e).split())
         raise ModelError(f"model.weights: {path} does not fit the architecture: {msg[:300]}") from e
+
+
+def _outputs_of(model: nn.Module, pre: Preprocess, spec: str) -> int:
+    """Classes of your own model, from one dummy forward (which also checks what it returns)."""
+    try:
+        with torch.no_grad():
+            y = model(torch.zeros(1, 3, *pre.input_size))
+    except Exception as e:
+        raise ModelError(
+            f"model: {spec}: a forward pass on a [1, 3, {pre.input_size[0]}, {pre.input_size[1]}] input failed "
+            f"({type(e).__name__}: {_one_line(e)}); set `input_size` if the model expects another size"
+        ) from e
+    if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != 1:
+        got = f"a tensor of shape {list(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ModelError(f"model: {spec} must return the logits as one tensor [batch, classes]; it returned {got}")
+    return int(y.shape[1])
+
+
+def is_custom(spec: str) -> bool:
+    """`my_pkg.module:build` or `path/to/file.py:build` (not a torchvision:/timm: spec)."""
+    left, sep, fn = spec.rpartition(":")
+    return bool(sep and left and fn) and left not in ("torchvision", "timm") and fn.isidentifier()
+
+
+def _import_builder(spec: str):
+    import importlib
+    import importlib.util
+    import sys
+
+    left, _, fn = spec.rpartition(":")
+    if left.endswith(".py"):
+        p = Path(left)
+        if not p.is_file():
+            raise ModelError(f"model: the file {p} of '{spec}' does not exist")
+        name = f"xai_user_model_{abs(hash(str(p.resolve())))}"
+        folder = str(p.resolve().parent)
+        sys.path.insert(0, folder)  # its sibling modules import while it loads
+        try:
+            mspec = importlib.util.spec_from_file_location(name, p)
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[name] = module
+            mspec.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise ModelError(f"model: importing {p} failed: {type(e).__name__}: {_one_line(e)}") from e
+        finally:
+            if folder in sys.path:
+                sys.path.remove(folder)
+    else:
+        if not all(part.isidentifier() for part in left.split(".")):
+            raise ModelError(
+                f"model: '{spec}' is neither MODULE:FUNCTION (my_pkg.models:build) nor FILE.py:FUNCTION "
+                "(see `xai models`)"
+            )
+        added = "" not in sys.path and "." not in sys.path
+        if added:  # `xai` (a console script) imports from the current folder like `python -m` does
+            sys.path.insert(0, "")
+        try:
+            module = importlib.import_module(left)
+        except ImportError as e:
+            raise ModelError(
+                f"model: cannot import '{left}' ({_one_line(e)}); is it installed, on PYTHONPATH or in the current folder?"
+            ) from e
+        except Exception as e:
+            raise ModelError(f"model: importing '{left}' failed: {type(e).__name__}: {_one_line(e)}") from e
+        finally:
+            if added and "" in sys.path:
+                sys.path.remove("")
+    builder = getattr(module, fn, None)
+    if not callable(builder):
+        raise ModelError(f"model: '{left}' has no function '{fn}'")
+    return builder
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _build_custom(spec: str, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    import inspect
+
+    builder = _import_builder(spec)
+    kwargs = {}
+    if num_classes is not None:
+        try:
+            params = inspect.signature(builder).parameters
+        except (TypeError, ValueError):
+            params = {}
+        takes = "num_classes" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if takes:
+            kwargs["num_classes"] = num_classes
+    try:
+        model = builder(**kwargs)
+    except Exception as e:
+        raise ModelError(f"model: {spec}() failed: {type(e).__name__}: {_one_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model: {spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    if num_classes is not None and not kwargs:
+        n = _num_outputs(model)
+        if n != num_classes:
+            raise ModelError(
+                f"model: {spec}() built a model with {n} outputs but num_classes is {num_classes} "
+                "(give the function a num_classes parameter, or fix num_classes)"
+            )
+    return model, Preprocess((224, 224), 256)
 
 
 def _build_torchvision(name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
@@ -220,8 +360,10 @@ def load_model(
     num_classes: int | None = None,
     class_names: str | Path | None = None,
     device: str | torch.device = "cpu",
+    preprocess: dict | None = None,
 ) -> LoadedModel:
-    """Build a classifier from a spec and return it in eval mode with its preprocessing."""
+    """Build a classifier from a spec and return it in eval mode with its preprocessing
+    (`preprocess`: overrides of input_size, resize, crop, mean, std, interpolation)."""
     spec = spec.strip()
     if spec == "default":
         if weights not in (None, "default"):
@@ -238,22 +380,34 @@ def load_model(
         model, pre = _build_torchvision(spec.split(":", 1)[1], weights, num_classes)
     elif spec.startswith("timm:"):
         model, pre = _build_timm(spec.split(":", 1)[1], weights, num_classes)
+    elif is_custom(spec):
+        if weights is not None and weights.lower() not in ("none", "default") and not _is_path(weights):
+            raise ModelError(f"model.weights: '{weights}' is not a file; your own model takes a local checkpoint")
+        model, pre = _build_custom(spec, num_classes)
     else:
         raise ModelError(
-            f"model: unknown spec '{spec}' (allowed: default, torchvision:NAME, timm:NAME; "
+            f"model: unknown spec '{spec}' (allowed: default, torchvision:NAME, timm:NAME, "
+            "my_pkg.module:build, path/to/file.py:build; "
             "a local checkpoint goes in `weights:` together with its architecture)"
         )
     if _is_path(weights):
         _load_checkpoint_into(model, weights)
     model.eval()
-    n = _num_outputs(model)
+    if preprocess:
+        pre = pre.with_overrides(**preprocess)
+    n = _outputs_of(model, pre, spec) if is_custom(spec) else _num_outputs(model)
     return LoadedModel(model.to(device), pre, _class_names(n, class_names), spec, weights)
 
 
 def load_model_cfg(mcfg, device: str | torch.device = "cpu") -> LoadedModel:
     """load_model from a config's `model:` section (config.ModelCfg)."""
     return load_model(
-        mcfg.name, mcfg.weights, num_classes=mcfg.num_classes, class_names=mcfg.class_names, device=device
+        mcfg.name,
+        mcfg.weights,
+        num_classes=mcfg.num_classes,
+        class_names=mcfg.class_names,
+        device=device,
+        preprocess=mcfg.preprocess_overrides() if hasattr(mcfg, "preprocess_overrides") else None,
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from .config import RunConfig, dump_config
 from .data import Discovery, ImageDataset, ImageItem, discover, make_loader, side_keys
-from .engine import BatchResult, Engine, error_row, explain_step
+from .engine import BatchResult, Engine, check_amp, error_row, explain_step, precision, to_memory_format
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from .methods.base import eval_mode, make_context
 from .metrics import build_metrics, load_annotations
@@ -130,6 +130,10 @@ def run_explain(cfg: RunConfig, *, progress=None, options: RunOptions | None = N
     """Run every method of `cfg` over its input; `progress` is a ProgressReporter or None."""
     opts = options or RunOptions()
     t_start = time.perf_counter()
+    if cfg.engine == "ray" and not opts.dry_run:
+        from .ray_engine import check_ray
+
+        check_ray(cfg)  # ray installed (else how to install it), no --metrics: exit 2 before any work
     disc = discover(cfg.input.path, cfg.input.recursive)
     items = disc.items
     shard = parse_shard(opts.shard)
@@ -158,7 +162,10 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     plan = make_plan(out, items, cfg, chash, opts.force)
     todo = plan.limited(opts.limit)
     device = resolve_device(cfg.device)
+    check_amp(device, cfg.amp)
     lm = load_model_cfg(cfg.model, device)
+    if cfg.channels_last:
+        lm.model.to(memory_format=torch.channels_last)
     chunker = Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=cfg.model.layer)
     methods = {key: spec.bind(ctx) for key, spec in cfg.specs()}  # bound once per model
@@ -178,11 +185,19 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     summary = RunSummary(out=out, total=len(items), ignored=disc.ignored, skipped=plan.up_to_date)
     log.event("run_start", config_hash=chash, images=len(items), todo=len(todo), up_to_date=plan.up_to_date)
     sinks = _sinks(cfg, out, lm, ctx, methods, plan.keys, summary, log)
-    dataset = ImageDataset(work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None)
-    loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-    engine = Engine(_step(methods, chunker, work), sinks, device, progress, log)
     status = "error"
     try:
+        if cfg.engine == "ray":
+            from .ray_engine import run_ray
+
+            status = run_ray(cfg, work, targets, missing, sinks, summary, log, progress)
+            return summary
+        dataset = ImageDataset(
+            work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None, cfg.overlay_max_side, cfg.draft
+        )
+        # pinned host memory on CUDA: the engine's non_blocking copy overlaps the next batch's decode
+        loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
+        engine = Engine(_step(methods, chunker, work, cfg), sinks, device, progress, log)
         with eval_mode(lm.model):
             status = engine.run(loader, work, missing, total=len(work) + len(missing))
     except KeyboardInterrupt:
@@ -194,11 +209,15 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     return summary
 
 
-def _step(methods: dict, chunker: Chunker, work: list[ImageItem]):
+def _step(methods: dict, chunker: Chunker, work: list[ImageItem], cfg: RunConfig | None = None):
+    amp, channels_last = (cfg.amp, cfg.channels_last) if cfg is not None else ("none", False)
+
     def step(x, batch) -> BatchResult:
         target = batch.extra["target"].to(x.device) if "target" in batch.extra else None
-        tgt, logits, outputs = explain_step(methods, x, target, chunker)
-        return BatchResult([work[i] for i in batch.indices], x, batch.origs, tgt, logits, outputs)
+        with precision(x.device, amp):
+            tgt, logits, outputs = explain_step(methods, to_memory_format(x, channels_last), target, chunker)
+        items = [work[i] for i in batch.indices]
+        return BatchResult(items, x, batch.origs, tgt, logits, outputs, batch.sizes)
 
     return step
 
@@ -215,7 +234,12 @@ def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
         # its explanations.csv rows, so an image a kill leaves up to date always has its metrics
         metrics = build_metrics(cfg.metrics, list(methods))
         sinks.append(MetricSink(out, metrics, ctx, methods, load_annotations(cfg.annotations, metrics)))
-    sinks.append(MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors))
+    fmt = (cfg.overlay_format, cfg.save_maps)
+    sinks.append(
+        MapSink(
+            out, lm, explanation_fields(extras), keys, style, summary, log, errors, fmt, cfg.writers, cfg.write_queue
+        )
+    )
     return sinks
 
 

@@ -34,7 +34,7 @@ from .outputs import (
     csv_header,
     csv_records,
     damaged,
-    map_paths,
+    map_files,
     method_keys,
     read_csv,
     read_csv_report,
@@ -61,6 +61,8 @@ def config_hash(cfg: RunConfig) -> str:
     doc = {k: d.get(k) for k in HASH_KEYS}
     if cfg.overlay == type(cfg.overlay)():  # the default overlay section: the hash of older configs stays
         del doc["overlay"]
+    if cfg.overlay_max_side is not None:  # overlays drawn smaller than the original are other outputs
+        doc["overlay_max_side"] = cfg.overlay_max_side
     files = [cfg.model.weights, cfg.model.class_names, cfg.target if isinstance(cfg.target, str) else None]
     files += [v for m in cfg.methods for v in METHODS[m.name].file_params(m.params).values()]
     doc["files"] = {f: file_key(Path(f)) for f in files if f and Path(f).is_file()}
@@ -141,6 +143,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
         return Plan(list(range(len(items))), replace_config=other, keys=keys, previous=prev)
     methods = [m.key for m in cfg.methods]
     names = {m.key: METHODS[m.name].map_names or (None,) for m in cfg.methods}
+    fmt = (cfg.overlay_format, cfg.save_maps)
     done: dict[tuple[str, str], dict] = {}
     for r in read_csv(out / "explanations.csv", CORE_FIELDS):
         if _valid(r, CORE_FIELDS):
@@ -154,7 +157,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
             if r is None or r["size"] != str(k[0]) or r["mtime_ns"] != str(k[1]) or r["status"] == "oom":
                 ok = False
                 break
-            if r["status"] == "ok" and not all(p.exists() for n in names[m] for p in map_paths(out, m, it.rel, n)):
+            if r["status"] == "ok" and not all(p.exists() for n in names[m] for p in map_files(out, m, it.rel, n, fmt)):
                 ok = False
                 break
         if ok:

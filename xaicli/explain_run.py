@@ -191,15 +191,8 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
             from .ray_engine import run_ray
 
             status = run_ray(cfg, work, targets, missing, sinks, summary, log, progress)
-            return summary
-        dataset = ImageDataset(
-            work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None, cfg.overlay_max_side, cfg.draft
-        )
-        # pinned host memory on CUDA: the engine's non_blocking copy overlaps the next batch's decode
-        loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-        engine = Engine(_step(methods, chunker, work, cfg), sinks, device, progress, log)
-        with eval_mode(lm.model):
-            status = engine.run(loader, work, missing, total=len(work) + len(missing))
+        else:
+            status = _run_local(cfg, lm, methods, chunker, work, targets, missing, sinks, device, progress, log)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -207,6 +200,17 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
         summary.seconds = time.perf_counter() - t_start
         _finish(out, cfg, summary, sinks, status, chunker, log)
     return summary
+
+
+def _run_local(cfg, lm, methods, chunker, work, targets, missing, sinks, device, progress, log) -> str:
+    dataset = ImageDataset(
+        work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None, cfg.overlay_max_side, cfg.draft
+    )
+    # pinned host memory on CUDA: the engine's non_blocking copy overlaps the next batch's decode
+    loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
+    engine = Engine(_step(methods, chunker, work, cfg), sinks, device, progress, log)
+    with eval_mode(lm.model):
+        return engine.run(loader, work, missing, total=len(work) + len(missing))
 
 
 def _step(methods: dict, chunker: Chunker, work: list[ImageItem], cfg: RunConfig | None = None):

@@ -23,6 +23,7 @@ the model and binds the methods once (`spec.bind`), exactly as the local engine 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -173,8 +174,10 @@ def run_ray(cfg, work: list[ImageItem], targets, missing: list[dict], sinks: lis
     if progress:
         progress.start(len(work) + len(missing))
     try:
-        from ray.data import DataContext
+        from ray.data import ActorPoolStrategy, DataContext
 
+        for name in ("ray", "ray.data"):  # Ray Data's INFO lines would interleave with the progress bar
+            logging.getLogger(name).setLevel(logging.ERROR)
         dctx = DataContext.get_current()
         dctx.enable_progress_bars = False
         dctx.print_on_execution_start = False
@@ -195,7 +198,7 @@ def run_ray(cfg, work: list[ImageItem], targets, missing: list[dict], sinks: lis
                 ExplainActor,
                 fn_constructor_args=args,
                 batch_size=cfg.batch_size,
-                concurrency=size,
+                compute=ActorPoolStrategy(size=size),
                 batch_format="numpy",
                 **res,
             )

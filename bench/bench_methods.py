@@ -167,7 +167,7 @@ def timeit(fn, warm, device, repeat: int) -> tuple[float, float]:
 
 def load() -> str:
     try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         return "load average n/a"
 
@@ -345,9 +345,10 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str])
             label = key + {"integrated_gradients": f" ({m['ig']} steps)", "smoothgrad": f" ({m['sg']} samples)"}.get(
                 key, ""
             )
-            label += {"rise": f" ({m['rise']} masks)", "occlusion": " (window %d, stride %d)" % m["occlusion"]}.get(
-                key, ""
-            )
+            label += {
+                "rise": f" ({m['rise']} masks)",
+                "occlusion": " (window {}, stride {})".format(*m["occlusion"]),
+            }.get(key, "")
             add(label, sec, mem, path_points(key, m))
             secs[key] = sec
         if not only or "deletion" in only:
@@ -356,9 +357,7 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str])
             gm = build_method("gradcam").bind(ctx)(x, target).maps
             dele = build_metric("deletion", step=m["deletion"])
             steps = round(1 / m["deletion"])
-            sec, mem = timeit(
-                lambda: dele(ctx, x, gm, target), lambda: dele(ctx, x[:1], gm[:1], target[:1]), device, 1
-            )
+            sec, mem = timeit(lambda: dele(ctx, x, gm, target), lambda: dele(ctx, x[:1], gm[:1], target[:1]), device, 1)
             add(f"deletion curve ({steps} steps, of the Grad-CAM maps)", sec, mem)
         if peers:
             layer = build_method("gradcam").bind(ctx).resolved()["layer"]
@@ -430,8 +429,11 @@ def bench_e2e(m: dict, batch: int, device, want_ray: bool) -> dict:
             sync(device)
         res["compute_ips"] = len(xs) / (time.perf_counter() - t0)
         print(f"  compute-only gradcam: {res['compute_ips']:.1f} images/s", flush=True)
-        fast = {"overlay_format": "jpg", "overlay_max_side": 1024, "save_maps": "npz-f16"}
-        settings = [("defaults (PNG at the original size, .npy)", {}), ("fast (" + ", ".join(f"{k}: {v}" for k, v in fast.items()) + ")", fast)]
+        fast = {"overlay_format": "jpg", "overlay_max_side": 768, "save_maps": "npz-f16"}
+        settings = [
+            ("defaults (PNG at the original size, .npy)", {}),
+            ("fast (" + ", ".join(f"{k}: {v}" for k, v in fast.items()) + ")", fast),
+        ]
         for i, (label, kw) in enumerate(settings):
             sec, n = run_folder(folder, Path(d) / f"out{i}", batch, device.type, **kw)
             res["runs"].append({"label": "local engine, " + label, "ips": n / sec, "sec": sec, "n": n})
@@ -551,9 +553,7 @@ def main(argv=None) -> int:
     m = dict(MODES[mode])
     if a.batch:
         m["batch"] = a.batch
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    )
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     start_load = load()
     print(f"mode {mode}, device {device}, {start_load}", flush=True)
     if a.tiny:

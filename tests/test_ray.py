@@ -86,7 +86,9 @@ def test_ray_engine_matches_local_engine(ray_runtime, tmp_path):
     assert run_explain(_cfg(SAMPLES, b, "ray")).skipped == 6
     # --shard: the driver plans, the actors do only the shard's images
     c = tmp_path / "shard"
-    s0 = run_explain(_cfg(SAMPLES, c, "ray"), options=__import__("xaicli.explain_run").explain_run.RunOptions(shard="0/2"))
+    s0 = run_explain(
+        _cfg(SAMPLES, c, "ray"), options=__import__("xaicli.explain_run").explain_run.RunOptions(shard="0/2")
+    )
     assert len({r["image"] for r in rows(c / "explanations.csv")}) == s0.done < 6
 
 
@@ -113,7 +115,9 @@ def test_killed_ray_driver_loses_and_duplicates_nothing(ray_runtime, tmp_path):
     p.wait()
     first = rows(csv_path)
     assert 2 <= len(first) < 18, len(first)
-    r = run_xai("explain", inp, "-o", out, "-m", "saliency", "-b", "2", "-q", "--engine", "ray", "--ray-address", ray_runtime)
+    r = run_xai(
+        "explain", inp, "-o", out, "-m", "saliency", "-b", "2", "-q", "--engine", "ray", "--ray-address", ray_runtime
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     final = rows(csv_path)
     images = [x["image"] for x in final]

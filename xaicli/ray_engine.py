@@ -76,14 +76,14 @@ class ExplainActor:
     """One Ray actor: the model loaded and every method bound once; each call explains a batch
     of work items and writes its map files through a MapSink."""
 
-    def __init__(self, cfg, out: str, fields: list[str], keys: dict, style, threads: int):
+    def __init__(self, cfg, out: str, fields: list[str], style, threads: int):
         from .methods.base import make_context
         from .models.registry import load_model_cfg, resolve_device
         from .ops import Chunker
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.cfg, self.out, self.fields, self.keys, self.style = cfg, Path(out), fields, keys, style
+        self.cfg, self.out, self.fields, self.style = cfg, Path(out), fields, style
         self.device = resolve_device(cfg.device)
         check_amp(self.device, cfg.amp)
         self.lm = load_model_cfg(cfg.model, self.device)
@@ -99,6 +99,7 @@ class ExplainActor:
         from .sinks import MapSink
 
         items = [ImageItem(Path(p), r) for p, r in zip(batch["path"], batch["rel"], strict=True)]
+        keys = {r: (str(s), str(t)) for r, s, t in zip(batch["rel"], batch["size"], batch["mtime_ns"], strict=True)}
         targets = [int(t) for t in batch["target"]]
         ds = ImageDataset(
             items, self.lm.preprocess, self.cfg.max_pixels, None, self.cfg.overlay_max_side, self.cfg.draft
@@ -117,7 +118,7 @@ class ExplainActor:
             result = BatchResult([items[j] for j in b.indices], x, b.origs, tgt, logits, outputs, b.sizes)
             fmt = (self.cfg.overlay_format, self.cfg.save_maps)
             sink = MapSink(
-                self.out, self.lm, self.fields, self.keys, self.style, counts, self.log, errors, fmt, self.cfg.writers
+                self.out, self.lm, self.fields, keys, self.style, counts, self.log, errors, fmt, self.cfg.writers
             )
             sink.table = rows  # the rows go back to the driver, which appends them
             try:
@@ -190,10 +191,16 @@ def run_ray(cfg, work: list[ImageItem], targets, missing: list[dict], sinks: lis
         log.event("ray_start", actors=size, resources=res, address=cfg.ray_address)
         if work:
             tg = targets if targets is not None else [-1] * len(work)
+            # the resume key (size, mtime_ns) travels with each item: actors never hold the whole plan
+            key = lambda it: maps.keys.get(it.rel) or ("", "")  # noqa: E731
             data = ray.data.from_items(
-                [{"path": str(it.path), "rel": it.rel, "target": int(t)} for it, t in zip(work, tg, strict=True)]
+                [
+                    {"path": str(it.path), "rel": it.rel, "target": int(t), "size": str(key(it)[0])}
+                    | {"mtime_ns": str(key(it)[1])}
+                    for it, t in zip(work, tg, strict=True)
+                ]
             )
-            args = (cfg, str(maps.out), maps.table.fields, maps.keys, maps.style, int(res.get("num_cpus", 1)))
+            args = (cfg, str(maps.out), maps.table.fields, maps.style, int(res.get("num_cpus", 1)))
             results = data.map_batches(
                 ExplainActor,
                 fn_constructor_args=args,

@@ -82,6 +82,7 @@ def test_reduced_size_decoding_agrees_with_full_decoding(big_jpegs, default_mode
     assert torch.equal(png["x"], ref["x"]) and max(png["orig"].shape) == 128
 
 
+@pytest.mark.slow
 def test_overlay_formats_and_npz_maps_evaluate(tmp_path):
     d = tmp_path / "imgs"
     d.mkdir()
@@ -119,6 +120,7 @@ def test_overlay_formats_and_npz_maps_evaluate(tmp_path):
     assert len([x for x in rows(out / "metrics.csv") if x["metric"] == "deletion"]) == 2
 
 
+@pytest.mark.slow
 def test_save_maps_false_writes_overlays_only_and_evaluate_says_why(tmp_path):
     d = tmp_path / "imgs"
     d.mkdir()

@@ -539,17 +539,33 @@ def render(args, mode: str, device, comp: dict, e2e: dict | None, loads: tuple[s
         lines += ["| stage | ms per image |", "|---|---|"]
         lines += [f"| {name} | {ms:.1f} |" for name, ms in e2e["profile"]]
         lines.append(f"| (for scale) Grad-CAM compute-only | {1000 / e2e['compute_ips']:.1f} |")
-    lines += ["", *targets(comp, e2e)]
+    busy = loaded(loads)
+    if busy:
+        lines += [
+            "",
+            "**The load average exceeded the CPU count: these figures time other processes too; rerun idle.**",
+        ]
+    lines += ["", *targets(comp, e2e, busy)]
     return "\n".join(lines) + "\n"
 
 
-def targets(comp: dict, e2e: dict | None) -> list[str]:
-    """Issue #13's targets, as measured in this run."""
+def loaded(loads: tuple[str, str]) -> bool:
+    """Whether the 1-minute load average at the start or the end exceeded the CPU count: then the
+    rows time other processes too and no target is judged."""
+    try:
+        return any(float(s.split()[2]) > (os.cpu_count() or 1) for s in loads)
+    except (IndexError, ValueError):
+        return False
+
+
+def targets(comp: dict, e2e: dict | None, busy: bool = False) -> list[str]:
+    """Issue #13's targets, as measured in this run (not judged on a loaded machine)."""
     out = ["| target (issue #13) | measured | met |", "|---|---|---|"]
     sec = comp["secs"]
 
     def add(name, value, goal):
-        out.append(f"| {name} | {value:.2f}x | {'yes' if value >= goal else 'no'} |")
+        met = "n/a: the machine was loaded" if busy else ("yes" if value >= goal else "no")
+        out.append(f"| {name} | {value:.2f}x | {met} |")
 
     if "gradcam" in sec:
         add("Grad-CAM >= 0.9x plain inference (speed)", comp["plain"] / sec["gradcam"], 0.9)

@@ -5,14 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= xai-out
 
-.PHONY: install demo concept-data concepts test test-fast test-browser lint docs bench clean
+.PHONY: install demo test test-fast test-browser lint docs bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test,peers]'
+	$(BIN)/python -m pip install -q -e '.[test,peers,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install xaicli with test extras
@@ -45,9 +45,12 @@ lint: $(STAMP)
 docs: $(STAMP)  ## regenerate the method table of docs/methods.md from the registry
 	$(BIN)/python -m xaicli.catalog
 
-bench: $(STAMP)  ## time methods vs plain inference and vs peers (see docs/benchmarks.md)
+bench: $(STAMP)  ## the full benchmark (methods, peers, end-to-end, Ray): rewrites the generated table of docs/benchmarks.md
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python bench/bench_methods.py --peers --e2e 48 --out docs/benchmarks-latest.md
+	$(BIN)/python bench/bench_methods.py --write-doc docs/benchmarks.md
+
+bench-quick: $(STAMP)  ## the same rows with smaller settings (a few minutes on 2 cores), printed only
+	$(BIN)/python bench/bench_methods.py --quick
 
 clean:
 	rm -rf $(OUT) .pytest_cache

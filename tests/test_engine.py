@@ -289,7 +289,7 @@ LAYERS = [  # bottom to top, as drawn in docs/architecture.md
     {"config"},
     {"state"},
     {"engine", "reader"},
-    {"sinks"},
+    {"sinks", "ray_engine"},
     {"explain_run", "evaluate", "report", "concepts", "preflight", "render"},
     {"cli", "__init__", "__main__", "catalog"},
 ]

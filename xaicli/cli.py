@@ -178,6 +178,31 @@ def explain(
     interpolation: str | None = typer.Option(
         None, "--interpolation", help="bilinear | bicubic | nearest | lanczos (default: the model's own)."
     ),
+    overlay_format: str | None = typer.Option(
+        None, "--overlay-format", help="Overlay files: png (default, fast zlib level), jpg or webp."
+    ),
+    overlay_max_side: int | None = typer.Option(
+        None,
+        "--overlay-max-side",
+        min=16,
+        help="Draw overlays with their longer side at most N pixels (default: the original size); "
+        "lets JPEGs be decoded at a reduced size (much faster on multi-megapixel photos).",
+    ),
+    save_maps: str | None = typer.Option(
+        None, "--save-maps", help="Raw maps: npy (float32, default), npz-f16 (float16, ~4x smaller) or false."
+    ),
+    amp: str | None = typer.Option(None, "--amp", help="bf16: autocast forward/backward to bfloat16 (default none)."),
+    channels_last: bool = typer.Option(
+        False, "--channels-last", help="Model and batches in channels_last memory format (= `channels_last: true`)."
+    ),
+    engine: str | None = typer.Option(
+        None,
+        "--engine",
+        help="local (default) or ray: run the batches on a Ray Data actor pool (pip install 'xaicli[ray]').",
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="With --engine ray: the cluster to join (e.g. ray://head:10001 or auto)."
+    ),
 ):
     """Explain every image of a folder: heatmap PNGs, raw .npy maps and explanations.csv.
 
@@ -214,6 +239,13 @@ def explain(
         "model.mean": mean,
         "model.std": std,
         "model.interpolation": interpolation,
+        "overlay_format": overlay_format,
+        "overlay_max_side": overlay_max_side,
+        "save_maps": save_maps,
+        "amp": amp,
+        "channels_last": True if channels_last else None,
+        "engine": engine,
+        "ray_address": ray_address,
     }
     cfg = build_config(config, overrides)
     progress = None if quiet or as_json else RichProgress(err_console)

@@ -233,6 +233,17 @@ class RunConfig(_Strict):
     sheet: bool = False  # comparison sheets OUT/sheets/<rel>.png (original + each method's overlay)
     metrics: list[MetricCfg] = Field(default_factory=list)  # computed in the batch loop (see docs/metrics.md)
     annotations: str | None = None  # bounding boxes (CSV, JSON or Pascal VOC XML) for localization metrics
+    # -- throughput (README "Speed and scale"); none of these is in the config hash ---------------
+    overlay_format: Literal["png", "jpg", "webp"] = "png"  # the overlay files' format
+    overlay_max_side: int | None = Field(None, ge=16, le=1 << 16, strict=True)  # None: the original size
+    save_maps: Literal["npy", "npz-f16"] | Literal[False] = "npy"  # raw maps: float32 .npy, float16 .npz, none
+    draft: bool = True  # JPEG: decode at a reduced DCT scale when the model input and overlay allow it
+    amp: Literal["none", "bf16"] = "none"  # autocast the methods' forward/backward to bfloat16
+    channels_last: bool = False  # model and batches in channels_last memory format
+    writers: int = Field(4, ge=1, le=64, strict=True)  # threads that encode overlays and maps
+    write_queue: int = Field(4, ge=1, le=1024, strict=True)  # batches in flight to the writers before the loop waits
+    engine: Literal["local", "ray"] = "local"  # where batches run: this process, or Ray Data actors
+    ray_address: str | None = None  # engine ray: the cluster to join (None: ray.init's default, e.g. RAY_ADDRESS)
     _specs: list = PrivateAttr(default_factory=list)  # (key, MethodSpec), built once by validation
 
     def specs(self) -> list:
@@ -304,6 +315,39 @@ class RunConfig(_Strict):
     @classmethod
     def _colormap(cls, v):
         return _check_colormap(v)
+
+    @field_validator("save_maps", mode="before")
+    @classmethod
+    def _save_maps(cls, v):
+        if v is False or (isinstance(v, str) and v.strip().lower() in ("false", "none", "no", "off")):
+            return False
+        if v not in ("npy", "npz-f16"):
+            raise ValueError("allowed: npy (float32), npz-f16 (float16, compressed), false (no raw maps)")
+        return v
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp(cls, v):
+        if v is False or v is None or (isinstance(v, str) and v.strip().lower() in ("false", "none", "off", "fp32")):
+            return "none"
+        if v != "bf16":
+            raise ValueError("allowed: bf16, none")
+        return v
+
+    @field_validator("overlay_format", mode="before")
+    @classmethod
+    def _overlay_format(cls, v):
+        v = "jpg" if isinstance(v, str) and v.lower() == "jpeg" else v
+        if v not in ("png", "jpg", "webp"):
+            raise ValueError("allowed: png, jpg, webp")
+        return v
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, v):
+        if v not in ("local", "ray"):
+            raise ValueError("allowed: local, ray")
+        return v
 
     def overlay_style(self) -> OverlayCfg:
         """The overlay section with colormap/alpha filled from the top-level keys when not set."""

@@ -19,12 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import InputError
-from .images import DEFAULT_MAX_PIXELS, load_image
+from .images import DEFAULT_MAX_PIXELS, fit_side, load_for_run, load_image  # noqa: F401 (load_image re-exported)
 from .locks import close_inherited_locks
 from .models.preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+DRAFT_MARGIN = 2  # draft decoding keeps the shorter side >= DRAFT_MARGIN x the model's resize
 
 
 @dataclass(frozen=True)
@@ -175,34 +176,46 @@ class ImageDataset(Dataset):
     in the worker too (the targets of a labels file, the stored maps `xai evaluate` scores)."""
 
     def __init__(
-        self, items: list[ImageItem], preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS, extra=None
+        self,
+        items: list[ImageItem],
+        preprocess: Preprocess,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        extra=None,
+        overlay_max_side: int | None = None,
+        draft: bool = False,
     ):
         self.items = items
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.extra = extra
+        self.overlay_max_side = overlay_max_side  # `orig` with its longer side at most this (None: original)
+        # JPEGs decoded at a reduced DCT scale that keeps the shorter side >= 2x the model's resize
+        # (so its antialiased resize sees the same detail) and the overlay's size (images.load_for_run)
+        self.min_short = DRAFT_MARGIN * preprocess.resize if draft else None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         try:
-            img = load_image(self.items[i].path, self.max_pixels)
+            img, size = load_for_run(self.items[i].path, self.max_pixels, self.min_short, self.overlay_max_side)
             x = self.preprocess(img)
+            img = fit_side(img, self.overlay_max_side)
             orig = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
             extra = self.extra(i) if self.extra is not None else {}
-            return {"index": i, "x": x, "orig": orig, "extra": extra, "error": None}
+            return {"index": i, "x": x, "orig": orig, "size": size, "extra": extra, "error": None}
         except Exception as e:  # any decode problem is this image's failure, not the run's
-            return {"index": i, "x": None, "orig": None, "extra": {}, "error": _reason(e)}
+            return {"index": i, "x": None, "orig": None, "size": None, "extra": {}, "error": _reason(e)}
 
 
 @dataclass
 class Batch:
     indices: list[int]
     x: torch.Tensor | None  # [B, 3, H, W] for the decoded images
-    origs: list[torch.Tensor]  # HxWx3 uint8, original resolution (EXIF-rotated)
+    origs: list[torch.Tensor]  # HxWx3 uint8, original resolution (EXIF-rotated; overlay_max_side: reduced)
     failures: list[tuple[int, str]]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # stacked `extra` tensors
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # original (width, height), from the header
 
 
 def collate(samples: list[dict]) -> Batch:
@@ -214,6 +227,7 @@ def collate(samples: list[dict]) -> Batch:
         origs=[s["orig"] for s in ok],
         failures=[(s["index"], s["error"]) for s in samples if s["error"] is not None],
         extra={k: torch.stack([torch.as_tensor(s["extra"][k]) for s in ok]) for k in keys},
+        sizes=[s["size"] for s in ok],
     )
 
 

@@ -53,12 +53,19 @@ class BatchResult:
     target: Tensor  # [B] the explained classes (on the device)
     logits: Tensor | None  # [B, C] of the clean batch (None when evaluating stored maps)
     outputs: dict[str, MethodOutput]
+    sizes: list | None = None  # original (width, height) per image, from the header (None: the origs' sizes)
     # the map key of each row (outputs.map_key: `<rel>__<class>` when a run explains several
     # targets per image, each image then has one row per target); None: each item's rel
     keys: list[str] | None = None
 
     def key(self, j: int) -> str:
         return self.keys[j] if self.keys is not None else self.items[j].rel
+
+    def size(self, j: int) -> tuple[int, int]:
+        """Original (width, height) of image j: annotation boxes are in these coordinates."""
+        if self.sizes:
+            return tuple(self.sizes[j])
+        return int(self.origs[j].shape[1]), int(self.origs[j].shape[0])
 
 
 class Sink(Protocol):
@@ -180,6 +187,32 @@ def _scatter(part: MethodOutput, sel: Tensor, x: Tensor) -> MethodOutput:
         extras[e] = _nan((x.shape[0],), x)
         extras[e][sel] = v.float()
     return MethodOutput(maps, status, extras, names=part.names)
+
+
+def check_amp(device: torch.device, amp: str) -> None:
+    """Refuse `amp: bf16` where this torch and device cannot autocast to bfloat16 (ConfigError, exit 2)."""
+    if amp != "bf16":
+        return
+    from .errors import ConfigError
+
+    ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not ok:
+        raise ConfigError(f"amp: bf16 is not supported on {device} by this torch; use amp: none")
+
+
+@contextmanager
+def precision(device: torch.device, amp: str = "none") -> Iterator[None]:
+    """Autocast the step to bfloat16 with `amp: bf16`; a no-op otherwise. Maps, logits and extras
+    come back as float32 (run_method converts), so sinks and metrics see the same dtypes."""
+    if amp == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def to_memory_format(x: Tensor, channels_last: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 @contextmanager

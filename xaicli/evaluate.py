@@ -30,7 +30,7 @@ from .metrics import METRICS, build_metrics, load_annotations
 from .models.registry import load_model_cfg, resolve_device
 from .ops import Chunker
 from .outputs import write_manifest
-from .reader import RunFolder, manifest_of
+from .reader import NO_MAPS_HINT, RunFolder, manifest_of
 from .sinks import EvalSummary, MetricSink
 from .state import JsonLog, check_state
 
@@ -163,6 +163,8 @@ def run_evaluate(
     keys = [m.key for m in run_cfg.methods]
     metric_objs = build_metrics(metric_specs(metrics, against, cfg_data, run_cfg), keys)  # checks before work
     ann = load_annotations(annotations or cfg_data.get("annotations") or run_cfg.annotations, metric_objs)
+    if not folder.maps_saved:
+        raise InputError(f"{folder.out}: the run saved no raw maps (save_maps: false); {NO_MAPS_HINT}")
     evaluable(folder, run_cfg, keys)  # a folder with nothing to score fails before waiting for the lock
     with OutputLock(out, wait=wait, on_wait=on_wait):
         check_state(folder.out, explain=False)  # one line naming a damaged file and the fix (exit 2)

@@ -16,7 +16,16 @@ import torch
 
 from .config import RunConfig, dump_config, is_target_word, split_labels, topk_of
 from .data import Discovery, ImageDataset, ImageItem, discover, display_path, make_loader, side_keys
-from .engine import BatchResult, Engine, error_row, explain_step, plain_logits
+from .engine import (
+    BatchResult,
+    Engine,
+    check_amp,
+    error_row,
+    explain_step,
+    plain_logits,
+    precision,
+    to_memory_format,
+)
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
 from .methods.base import eval_mode, make_context
 from .metrics import build_metrics, load_annotations
@@ -209,6 +218,10 @@ def run_explain(cfg: RunConfig, *, progress=None, options: RunOptions | None = N
     """Run every method of `cfg` over its input; `progress` is a ProgressReporter or None."""
     opts = options or RunOptions()
     t_start = time.perf_counter()
+    if cfg.engine == "ray" and not opts.dry_run:
+        from .ray_engine import check_ray
+
+        check_ray(cfg)  # ray installed (else how to install it), no --metrics: exit 2 before any work
     disc = discover(cfg.input.path, cfg.input.recursive)
     items = disc.items
     shard = parse_shard(opts.shard)
@@ -236,8 +249,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     check_state(out, log, opts.repair, {"explanations.csv": explanation_fields(extras)})
     plan = make_plan(out, items, cfg, chash, opts.force)
     todo = plan.limited(opts.limit)
-    device = resolve_device(cfg.device)
-    lm = load_model_cfg(cfg.model, device)
+    device, lm = _load(cfg)
     chunker = Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=cfg.model.layer)
     ctx.probability = "sigmoid" if cfg.score == "sigmoid" else "softmax"
@@ -256,13 +268,16 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     if plan.added:
         log.event("methods_added", methods=plan.added)
     sinks = _sinks(cfg, out, lm, ctx, methods, plan.keys, summary, log)
-    dataset = ImageDataset(work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None)
-    loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
-    engine = Engine(_step(methods, chunker, work, cfg, plan.need, progress), sinks, device, progress, log)
     status, reason = "error", None
     try:
-        with eval_mode(lm.model):
-            status = engine.run(loader, work, missing, total=len(work) + len(missing))
+        if cfg.engine == "ray":
+            from .ray_engine import run_ray
+
+            status = run_ray(cfg, work, targets, missing, sinks, summary, log, progress)
+        else:
+            status = _run_local(
+                cfg, lm, methods, chunker, work, targets, missing, sinks, device, progress, log, plan.need
+            )
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -273,12 +288,29 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
         summary.seconds = time.perf_counter() - t_start
         _finish(out, cfg, summary, sinks, status, chunker, log, reason)
     if len(work) == 1 and summary.done:  # say where the picture is
-        for key, b in methods.items():
-            for name in b.spec.map_names or (None,):
-                png = map_paths(out, key, work[0].rel, name)[0]
-                if png.is_file():
-                    summary.maps.append(png)
+        summary.maps = _pictures(cfg, out, methods, work[0].rel)
     return summary
+
+
+def _load(cfg: RunConfig):
+    """(device, LoadedModel) with the config's precision and memory format checked and applied."""
+    device = resolve_device(cfg.device)
+    check_amp(device, cfg.amp)
+    lm = load_model_cfg(cfg.model, device)
+    if cfg.channels_last:
+        lm.model.to(memory_format=torch.channels_last)
+    return device, lm
+
+
+def _pictures(cfg: RunConfig, out: Path, methods: dict, rel: str) -> list[Path]:
+    """The overlay files a single-image run wrote (the CLI prints their paths)."""
+    found = []
+    for key, b in methods.items():
+        for name in b.spec.map_names or (None,):
+            png = map_paths(out, key, rel, name, cfg.overlay_format, cfg.save_maps)[0]
+            if png.is_file():
+                found.append(png)
+    return found
 
 
 def _resolved(cfg, opts, disc, items, device, lm, methods) -> dict:
@@ -350,11 +382,23 @@ def _need(methods: dict, items: list[ImageItem], need: dict[str, list[str]]) -> 
     return {k: [j for j, it in enumerate(items) if it.rel not in need or k in need[it.rel]] for k in methods}
 
 
+def _run_local(cfg, lm, methods, chunker, work, targets, missing, sinks, device, progress, log, need=None) -> str:
+    dataset = ImageDataset(
+        work, lm.preprocess, cfg.max_pixels, TargetOf(targets) if targets else None, cfg.overlay_max_side, cfg.draft
+    )
+    # pinned host memory on CUDA: the engine's non_blocking copy overlaps the next batch's decode
+    loader = make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
+    engine = Engine(_step(methods, chunker, work, cfg, need, progress), sinks, device, progress, log)
+    with eval_mode(lm.model):
+        return engine.run(loader, work, missing, total=len(work) + len(missing))
+
+
 def _step(
     methods: dict, chunker: Chunker, work: list[ImageItem], cfg: RunConfig, need: dict | None = None, progress=None
 ):
     multi = cfg.multi_target()
     need = need or {}
+    amp, channels_last = cfg.amp, cfg.channels_last
 
     def step(x, batch) -> BatchResult:
         inner = InnerProgress(progress, len(batch.indices), len(methods)) if hasattr(progress, "partial") else None
@@ -363,6 +407,11 @@ def _step(
             return _one_step(x, batch, inner)
         finally:
             chunker.on_chunk = None
+
+    def explain(x, target, items, on_method):
+        with precision(x.device, amp):
+            xm = to_memory_format(x, channels_last)
+            return explain_step(methods, xm, target, chunker, _need(methods, items, need), on_method)
 
     def _one_step(x, batch, inner) -> BatchResult:
         target = batch.extra["target"].to(x.device) if "target" in batch.extra else None
@@ -373,8 +422,8 @@ def _step(
                 target = torch.where(
                     target == PREDICTED, plain_logits(_model(methods), x, chunker).argmax(dim=1), target
                 )
-            tgt, logits, outputs = explain_step(methods, x, target, chunker, _need(methods, items, need), on_method)
-            return BatchResult(items, x, batch.origs, tgt, logits, outputs)
+            tgt, logits, outputs = explain(x, target, items, on_method)
+            return BatchResult(items, x, batch.origs, tgt, logits, outputs, batch.sizes)
         # several targets per image: one row per (image, target), the image repeated
         unlisted = target is not None and bool((target < 0).all(dim=-1).any())  # target_fallback: predicted
         logits0 = plain_logits(_model(methods), x, chunker) if target is None or unlisted else None
@@ -383,10 +432,11 @@ def _step(
         idx = torch.tensor([j for j, _ in rows], device=x.device, dtype=torch.long)
         te = torch.tensor([c for _, c in rows], device=x.device, dtype=torch.long)
         rows_items = [items[j] for j, _ in rows]
-        tgt, logits, outputs = explain_step(methods, x[idx], te, chunker, _need(methods, rows_items, need), on_method)
+        tgt, logits, outputs = explain(x[idx], te, rows_items, on_method)
         keys = [map_key(items[j].rel, c, True) for j, c in rows]
         origs = [batch.origs[j] for j, _ in rows]
-        return BatchResult(rows_items, x[idx], origs, tgt, logits, outputs, keys=keys)
+        sizes = [batch.sizes[j] for j, _ in rows] if batch.sizes else None
+        return BatchResult(rows_items, x[idx], origs, tgt, logits, outputs, sizes, keys=keys)
 
     return step
 
@@ -405,7 +455,23 @@ def _sinks(cfg, out, lm, ctx, methods, keys, summary, log) -> list:
         # its explanations.csv rows, so an image a kill leaves up to date always has its metrics
         metrics = build_metrics(cfg.metrics, list(methods))
         sinks.append(MetricSink(out, metrics, ctx, methods, load_annotations(cfg.annotations, metrics)))
-    sinks.append(MapSink(out, lm, explanation_fields(extras), keys, style, summary, log, errors, cfg.score))
+    fmt = (cfg.overlay_format, cfg.save_maps)
+    sinks.append(
+        MapSink(
+            out,
+            lm,
+            explanation_fields(extras),
+            keys,
+            style,
+            summary,
+            log,
+            errors,
+            fmt,
+            cfg.writers,
+            cfg.write_queue,
+            score=cfg.score,
+        )
+    )
     return sinks
 
 

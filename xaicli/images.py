@@ -7,6 +7,7 @@ transparency composited over white, and a pixel limit checked from the header be
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -61,3 +62,53 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
+
+
+def draft_scale(size: tuple[int, int], min_short: int | None, max_side: int | None) -> float:
+    """The smallest scale (<= 1) the picture may be decoded at: its shorter side stays >= min_short
+    (what the model's resize needs, with margin) and its longer side >= max_side (the overlay's
+    size; None = the original size, so no reduction)."""
+    if min_short is None or max_side is None:
+        return 1.0
+    w, h = size
+    return min(1.0, max(min_short / min(w, h), max_side / max(w, h)))
+
+
+def load_for_run(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_short: int | None = None, max_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, original (width, height) after EXIF orientation).
+
+    A JPEG is decoded at a reduced DCT scale (PIL `draft`: 1/2, 1/4 or 1/8, several times faster
+    than a full decode) when `draft_scale` allows it; the image is then at least that large. The
+    original size comes from the header, so crop boxes and annotation boxes stay in original
+    pixel coordinates. Other formats are decoded whole (`fit_side` makes the overlay's copy).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{e} (above PIL's decompression-bomb limit in this process)") from None
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"{w}x{h} = {w * h} pixels is above the pixel limit {max_pixels} (max_pixels)")
+            im.seek(0)
+            f = draft_scale((w, h), min_short, max_side)
+            if f < 1.0 and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+                im.draft(im.mode, (max(1, math.ceil(w * f)), max(1, math.ceil(h * f))))
+            im.load()
+            dw, dh = im.size
+            im = ImageOps.exif_transpose(im)
+            img = to_rgb(im)
+    swapped = (img.size[0], img.size[1]) == (dh, dw) and dw != dh
+    return img, ((h, w) if swapped else (w, h))
+
+
+def fit_side(img: Image.Image, max_side: int | None) -> Image.Image:
+    """`img` resized (bilinear, antialiased) so its longer side is at most max_side."""
+    if max_side is None or max(img.size) <= max_side:
+        return img
+    k = max_side / max(img.size)
+    return img.resize((max(1, round(img.size[0] * k)), max(1, round(img.size[1] * k))), Image.BILINEAR)

@@ -27,6 +27,7 @@ from .outputs import (
     READ_FIELDS,
     REPAIR_HINT,
     damaged,
+    load_map_file,
     map_key,
     map_paths,
     method_keys,
@@ -34,6 +35,8 @@ from .outputs import (
     read_manifest,
     read_run_yaml,
 )
+
+NO_MAPS_HINT = "run `xai explain` again with save_maps: npy (or npz-f16, or --save-maps npy) to score its maps"
 
 
 class RunFolder:
@@ -133,10 +136,20 @@ class RunFolder:
                         pass
         return last
 
+    @property
+    def formats(self) -> tuple[str, str | bool]:
+        """(overlay_format, save_maps) of the run: png|jpg|webp and npy|npz-f16|False."""
+        return self.config.overlay_format, self.config.save_maps
+
+    @property
+    def maps_saved(self) -> bool:
+        """False when the run was made with `save_maps: false` (overlays only, nothing to score)."""
+        return self.config.save_maps is not False
+
     def overlay_file(self, method: str, image: str) -> Path:
-        """The overlay PNG of one (method, image); the first named map's for a method with several."""
+        """The overlay image of one (method, image); the first named map's for a method with several."""
         names = self.methods.get(method, ()) or (None,)
-        return map_paths(self.out, method, image, names[0])[0]
+        return map_paths(self.out, method, image, names[0], *self.formats)[0]
 
     def sheet_file(self, image: str) -> Path:
         """OUT/sheets/<rel>.png, the comparison sheet of an image."""
@@ -148,16 +161,22 @@ class RunFolder:
 
     # -- maps ------------------------------------------------------------------------------------
     def map_files(self, method: str, image: str) -> list[Path]:
-        """The .npy files of one (method, image): one, or one per named map."""
+        """The raw map files (.npy, or .npz with save_maps: npz-f16) of one (method, image): one, or
+        one per named map; [] when the run saved no raw maps (save_maps: false)."""
         names = self.methods.get(method, ()) or (None,)
-        return [map_paths(self.out, method, image, n)[1] for n in names]
+        files = [map_paths(self.out, method, image, n, *self.formats)[1] for n in names]
+        return [p for p in files if p is not None]
 
     def has_maps(self, method: str, image: str) -> bool:
-        return all(p.is_file() for p in self.map_files(method, image))
+        files = self.map_files(method, image)
+        return bool(files) and all(p.is_file() for p in files)
 
     def load_map(self, method: str, image: str) -> np.ndarray:
-        """float32 [H, W], or [K, H, W] for a method with named maps."""
-        arrs = [np.load(p).astype(np.float32, copy=False) for p in self.map_files(method, image)]
+        """float32 [H, W], or [K, H, W] for a method with named maps (from .npy or .npz-f16)."""
+        files = self.map_files(method, image)
+        if not files:
+            raise InputError(f"{self.out}: the run saved no raw maps (save_maps: false); {NO_MAPS_HINT}")
+        arrs = [load_map_file(p) for p in files]
         return arrs[0] if len(arrs) == 1 and not self.methods.get(method) else np.stack(arrs)
 
 

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .images import load_image
 from .methods import METHODS
 from .models.preprocess import Preprocess
-from .outputs import map_paths, read_run_yaml, write_run_yaml
+from .outputs import load_map_file, map_paths, read_run_yaml, write_run_yaml
 from .reader import RunFolder
 from .sinks import MapStyle, caption_of, draw_png
 
@@ -80,10 +80,12 @@ def redraw(
         for key, row in groups[image]:
             method = row["method"]
             for name in names.get(method, ()) or (None,):
-                png, npy = map_paths(run.out, method, key, name)
+                png, raw = map_paths(run.out, method, key, name, *run.formats)  # the run's overlay/map formats
                 try:
-                    cam = np.load(npy).astype(np.float32, copy=False)
-                except (OSError, ValueError):
+                    if raw is None:
+                        raise OSError("save_maps: false")
+                    cam = load_map_file(raw)
+                except (OSError, ValueError, KeyError):
                     missing += 1
                     continue
                 caption = caption_of(row, name) if style.caption else None

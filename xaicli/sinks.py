@@ -1,7 +1,8 @@
 """Sinks: what the engine's batch results become on disk.
 
     ErrorSink    OUT/errors.csv rows (decode failures, missing labels, files that cannot be written)
-    MapSink      OUT/<method>/<rel>.png|.npy on a thread pool, then the batch's explanations.csv rows
+    MapSink      OUT/<method>/<rel>.png|.jpg|.webp + .npy|.npz on a bounded thread pool, then the batch's
+                 explanations.csv rows
     MetricSink   OUT/metrics.csv (+ summary, curves, plots, sanity.csv) from the maps on the device
 
 Every sink has `consume(BatchResult)`, `fail(rows)` and `close(status)`; the engine calls close on
@@ -33,8 +34,8 @@ from .outputs import (
     map_paths,
     overlay,
     read_csv,
-    save_npy,
-    save_png,
+    save_image,
+    save_map,
     write_csv,
 )
 
@@ -73,18 +74,20 @@ class ErrorSink:
 # --------------------------------------------------------------------------------------------
 # maps and explanations.csv
 # --------------------------------------------------------------------------------------------
-def _write_one(out: Path, png: Path, npy: Path, cam: np.ndarray, orig: np.ndarray, box, look: dict, caption):
-    ensure_inside(out, png)
-    save_npy(npy, cam)
-    draw_png(png, cam, orig, box, look, caption)
+def _write_one(out: Path, image: Path, raw: Path | None, cam: np.ndarray, orig: np.ndarray, box, look: dict, caption):
+    ensure_inside(out, image)
+    if raw is not None:
+        save_map(raw, cam)
+    draw_png(image, cam, orig, box, look, caption)
 
 
-def draw_png(png: Path, cam: np.ndarray, orig: np.ndarray, box, look: dict, caption) -> None:
-    """The overlay PNG of one map (MapStyle.look), with its caption strip when asked for."""
+def draw_png(image: Path, cam: np.ndarray, orig: np.ndarray, box, look: dict, caption) -> None:
+    """The overlay of one map (MapStyle.look) as png, jpg or webp by the file's suffix, with its
+    caption strip when asked for."""
     img = overlay(orig, cam, box, look["cmap"], look["alpha"], look["kind"], look["clip_percentile"])
     if caption is not None or look["colorbar"]:
         img = caption_strip(img, caption, look["cmap"] if look["colorbar"] else None, look["kind"])
-    save_png(png, img)
+    save_image(image, img, image.suffix.lstrip("."))
 
 
 @dataclass
@@ -143,13 +146,30 @@ class MapSink:
     """
 
     def __init__(
-        self, out: Path, lm, fields, keys: dict, style: MapStyle, summary, log, errors: ErrorSink, score: str = "logit"
+        self,
+        out: Path,
+        lm,
+        fields,
+        keys: dict,
+        style: MapStyle,
+        summary,
+        log,
+        errors: ErrorSink,
+        formats: tuple = ("png", "npy"),
+        writers: int = 4,
+        queue: int = 4,
+        score: str = "logit",
     ):
         self.out, self.lm, self.style, self.summary, self.log, self.errors = out, lm, style, summary, log, errors
         self.score = score  # sigmoid: probabilities are per-class sigmoids (also for a single-logit head)
         self.keys = keys  # rel -> (size, mtime_ns): the resume key
+        self.formats = formats  # (overlay_format, save_maps)
         self.table = CsvAppender(out / "explanations.csv", fields)
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="xai-writer")
+        self.pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="xai-writer")
+        # the bounded queue between the device loop and the writers: at most `queue` batches are
+        # in flight; consume() then waits for the oldest, so memory stays flat when writing is the
+        # bottleneck (12 MP overlays) and the device runs ahead by at most `queue` batches
+        self.queue = queue
         self.pending: deque[tuple[list[tuple[Future, str, str]], list[dict]]] = deque()
 
     def fail(self, rows: list[dict]) -> None:
@@ -178,7 +198,7 @@ class MapSink:
                     self.log.event("map_flagged", image=it.rel, method=key, status=out.status[j])
         self.summary.done += len({it.rel for it in result.items})
         self.pending.append((futures, rows))
-        self._drain(block=len(self.pending) > 4)
+        self._drain(block=len(self.pending) > self.queue)
 
     def _row(self, key, out, j, it, m, probs, t) -> dict:
         size_mtime = self.keys.get(it.rel) or ("", "")
@@ -210,9 +230,9 @@ class MapSink:
         maps = [(None, m)] if not names else list(zip(names, m, strict=True))
         futs = []
         for name, one in maps:
-            png, npy = map_paths(self.out, key, rel, name)
+            image, raw = map_paths(self.out, key, rel, name, *self.formats)
             caption = caption_of(row, name) if self.style.caption else None
-            args = (self.out, png, npy, one.numpy(), orig, box, self.style.look(key), caption)
+            args = (self.out, image, raw, one.numpy(), orig, box, self.style.look(key), caption)
             futs.append((self.pool.submit(_write_one, *args), rel, key))
         return futs
 
@@ -238,7 +258,12 @@ class MapSink:
                 ]
             )
             self.table.append([r for r in rows if (r["_key"], r["method"]) not in failed])
-            block = block and len(self.pending) > 4
+            block = block and len(self.pending) > self.queue
+
+    def flush(self) -> None:
+        """Wait for every batch in flight: its files written, its rows appended."""
+        while self.pending:
+            self._drain(block=True)
 
     def close(self, status: str) -> None:
         try:
@@ -310,7 +335,7 @@ class MetricSink:
         if self.annotations is None:
             return None, None
         pre, hw, dev = self.ctx.preprocess, tuple(result.x.shape[-2:]), result.x.device
-        sizes = [(int(o.shape[1]), int(o.shape[0])) for o in result.origs]
+        sizes = [result.size(j) for j in range(len(result.items))]
         pairs = list(zip(result.items, sizes, strict=True))
         boxes = [self.annotations.boxes_in_input(it.rel, it.path, size, pre, hw, dev) for it, size in pairs]
         labels = [self.annotations.class_labels_in_input(it.rel, it.path, size, pre, hw) for it, size in pairs]

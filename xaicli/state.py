@@ -35,8 +35,8 @@ from .outputs import (
     csv_header,
     csv_records,
     damaged,
+    map_files,
     map_key,
-    map_paths,
     method_keys,
     read_csv,
     read_csv_report,
@@ -63,6 +63,8 @@ def config_hash(cfg: RunConfig) -> str:
     doc = {k: d.get(k) for k in HASH_KEYS}
     if cfg.overlay == type(cfg.overlay)():  # the default overlay section: the hash of older configs stays
         del doc["overlay"]
+    if cfg.overlay_max_side is not None:  # overlays drawn smaller than the original are other outputs
+        doc["overlay_max_side"] = cfg.overlay_max_side
     # model keys added later count only when set, so the hash of a config without them stays
     doc["model"] = {k: v for k, v in doc["model"].items() if k not in PREPROCESS_KEYS or v is not None}
     doc.update(_new_keys(cfg))
@@ -121,9 +123,17 @@ def config_parts(cfg: RunConfig) -> dict:
     return {
         "base": _digest(base),
         "methods": methods,
-        "display": _digest({k: d.get(k) for k in DISPLAY_KEYS}),
+        "display": _digest(_display(cfg, d)),
         "files": {f: list(k) for f, k in _files(cfg).items()},
     }
+
+
+def _display(cfg: RunConfig, d: dict) -> dict:
+    """The display settings; overlay_max_side only when set (the hash of older configs stays)."""
+    doc = {k: d.get(k) for k in DISPLAY_KEYS}
+    if cfg.overlay_max_side is not None:
+        doc["overlay_max_side"] = cfg.overlay_max_side
+    return doc
 
 
 def differing_keys(prev: dict, cfg: RunConfig) -> list[str]:
@@ -243,6 +253,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
     }  # a spec's names may depend on its params (extremal areas, concept_maps' K)
     multi = cfg.multi_target()
     done: dict[tuple[str, str], dict[str, dict]] = {}  # (image, method) -> {map key: row}
+    fmt = (cfg.overlay_format, cfg.save_maps)
     for r in read_csv(out / "explanations.csv", CORE_FIELDS):
         if _valid(r, CORE_FIELDS):
             done.setdefault((r["image"], r["method"]), {})[map_key(r["image"], r["target_class"], multi)] = r
@@ -254,7 +265,7 @@ def make_plan(out: Path, items: list[ImageItem], cfg: RunConfig, chash: str, for
             for m in methods
             if k is None
             or not done.get((it.rel, m))
-            or not all(_row_up_to_date(out, r, m, key, k, names[m]) for key, r in done[(it.rel, m)].items())
+            or not all(_row_up_to_date(out, r, m, key, k, names[m], fmt) for key, r in done[(it.rel, m)].items())
         ]
         if not stale:
             up += 1
@@ -279,11 +290,12 @@ def _incremental(prev: dict, cfg: RunConfig) -> tuple[list[str], bool] | None:
     return [k for k in new["methods"] if k not in old["methods"]], old.get("display") != new["display"]
 
 
-def _row_up_to_date(out: Path, r: dict, method: str, key: str, k: tuple[int, int], names) -> bool:
-    """A row of the current source file (size, mtime), not `oom`, with its files when `ok`."""
+def _row_up_to_date(out: Path, r: dict, method: str, key: str, k: tuple[int, int], names, fmt) -> bool:
+    """A row of the current source file (size, mtime), not `oom`, with its files when `ok`
+    (`fmt` = (overlay_format, save_maps): the files this config writes)."""
     if r["size"] != str(k[0]) or r["mtime_ns"] != str(k[1]) or r["status"] == "oom":
         return False
-    return r["status"] != "ok" or all(p.exists() for n in names for p in map_paths(out, method, key, n))
+    return r["status"] != "ok" or all(p.exists() for n in names for p in map_files(out, method, key, n, fmt))
 
 
 def _rewrite_csv(path: Path, fields: list[str], keep) -> None:

@@ -53,6 +53,7 @@ MODES = {
         "deletion": 0.01,
         "mp": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 3,
         "ray": True,
+        "perturb": (50, 20, 500, 25),  # meaningful / extremal iterations, KernelSHAP / GradientSHAP samples
         "repeat": 3,
         "torchcam_scorecam": True,
     },
@@ -65,6 +66,7 @@ MODES = {
         "deletion": 0.01,
         "mp": [1, 4, 8, 12] * 3,
         "ray": True,
+        "perturb": (20, 10, 200, 10),
         "repeat": 1,
         "torchcam_scorecam": False,
     },
@@ -77,11 +79,23 @@ MODES = {
         "deletion": 0.1,
         "mp": [0.3, 1],
         "ray": False,
+        "perturb": (2, 2, 8, 2),
         "repeat": 1,
         "torchcam_scorecam": False,
     },
 }
-COSTLY = {"integrated_gradients", "smoothgrad", "scorecam", "rise", "occlusion", "deletion"}
+COSTLY = {
+    "integrated_gradients",
+    "smoothgrad",
+    "scorecam",
+    "rise",
+    "occlusion",
+    "deletion",
+    "meaningful_perturbation",
+    "extremal_perturbation",
+    "kernelshap",
+    "gradientshap",
+}
 
 
 class TinyNet(nn.Module):
@@ -202,6 +216,7 @@ def device_name(device) -> str:
 # ------------------------------------------------------------------------------------------------
 def our_specs(m: dict) -> dict:
     w, s = m["occlusion"]
+    mp, ep, ks, gs = m["perturb"]
     return {
         "gradcam": ("gradcam", {}),
         "saliency": ("saliency", {}),
@@ -211,6 +226,10 @@ def our_specs(m: dict) -> dict:
         "rise": ("rise", {"n_masks": m["rise"]}),
         "occlusion": ("occlusion", {"window": w, "stride": s}),
         "lrp": ("lrp", {}),
+        "meaningful_perturbation": ("meaningful_perturbation", {"iterations": mp}),
+        "extremal_perturbation": ("extremal_perturbation", {"iterations": ep}),
+        "kernelshap": ("kernelshap", {"n_samples": ks}),
+        "gradientshap": ("gradientshap", {"n_samples": gs}),
     }
 
 
@@ -348,6 +367,10 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str])
             label += {
                 "rise": f" ({m['rise']} masks)",
                 "occlusion": " (window {}, stride {})".format(*m["occlusion"]),
+                "meaningful_perturbation": f" ({m['perturb'][0]} iterations)",
+                "extremal_perturbation": f" ({m['perturb'][1]} iterations x 3 areas)",
+                "kernelshap": f" ({m['perturb'][2]} samples)",
+                "gradientshap": f" ({m['perturb'][3]} samples)",
             }.get(key, "")
             add(label, sec, mem, path_points(key, m))
             secs[key] = sec

@@ -77,10 +77,15 @@ class ExplainActor:
     of work items and writes its map files through a MapSink."""
 
     def __init__(self, cfg, out: str, fields: list[str], style, threads: int):
+        from PIL import Image
+
         from .methods.base import make_context
         from .models.registry import load_model_cfg, resolve_device
         from .ops import Chunker
 
+        Image.MAX_IMAGE_PIXELS = (
+            None  # the actor is our process: `max_pixels` (from the header) guards, as in the workers
+        )
         if threads > 0:
             torch.set_num_threads(threads)
         self.cfg, self.out, self.fields, self.style = cfg, Path(out), fields, style

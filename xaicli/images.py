@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,15 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     left as the process has it: only the DataLoader's worker processes lift it (for a
     `max_pixels` above PIL's limit), never the user's process.
     """
+    with opened(path, max_pixels) as im:
+        im.load()
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+@contextmanager
+def opened(path: str | Path, max_pixels: int) -> Iterator[Image.Image]:
+    """The image file opened at its first frame, its header size checked against `max_pixels`
+    (ValueError, before any pixel is decoded); PIL's bomb warning silenced, its error reworded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -59,9 +70,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             if w * h > max_pixels:
                 raise ValueError(f"{w}x{h} = {w * h} pixels is above the pixel limit {max_pixels} (max_pixels)")
             im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+            yield im
 
 
 def draft_scale(size: tuple[int, int], min_short: int | None, max_side: int | None) -> float:
@@ -84,24 +93,14 @@ def load_for_run(
     original size comes from the header, so crop boxes and annotation boxes stay in original
     pixel coordinates. Other formats are decoded whole (`fit_side` makes the overlay's copy).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(path)
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"{e} (above PIL's decompression-bomb limit in this process)") from None
-        with im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ValueError(f"{w}x{h} = {w * h} pixels is above the pixel limit {max_pixels} (max_pixels)")
-            im.seek(0)
-            f = draft_scale((w, h), min_short, max_side)
-            if f < 1.0 and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
-                im.draft(im.mode, (max(1, math.ceil(w * f)), max(1, math.ceil(h * f))))
-            im.load()
-            dw, dh = im.size
-            im = ImageOps.exif_transpose(im)
-            img = to_rgb(im)
+    with opened(path, max_pixels) as im:
+        w, h = im.size
+        f = draft_scale((w, h), min_short, max_side)
+        if f < 1.0 and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            im.draft(im.mode, (max(1, math.ceil(w * f)), max(1, math.ceil(h * f))))
+        im.load()
+        dw, dh = im.size
+        img = to_rgb(ImageOps.exif_transpose(im))
     swapped = (img.size[0], img.size[1]) == (dh, dw) and dw != dh
     return img, ((h, w) if swapped else (w, h))
 

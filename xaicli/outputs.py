@@ -141,6 +141,18 @@ def ensure_inside(out: Path, path: Path) -> None:
 TMP_PREFIX = ".xai-tmp-"  # output keys never start with it (data.safe_rel), so cleanup is safe
 
 
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure laid out, written as PNG atomically, and closed (curves, sanity, TCAV)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=path.suffix)

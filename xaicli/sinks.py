@@ -11,7 +11,6 @@ any exit (Ctrl-C, SIGTERM, an error), so everything finished stays on disk.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections import deque
@@ -28,12 +27,12 @@ from .outputs import (
     ERROR_FIELDS,
     METRIC_FIELDS,
     CsvAppender,
-    atomic_write_bytes,
     caption_strip,
     ensure_inside,
     map_paths,
     overlay,
     read_csv,
+    save_figure,
     save_image,
     save_map,
     write_csv,
@@ -528,9 +527,4 @@ def plot_curves(path: Path, metric: str, per_method: list, stat: dict) -> Path:
     ax.set_title(f"{metric} ({better} is better)\n{first.score_label}: " + ", ".join(parts), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(title="method")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)

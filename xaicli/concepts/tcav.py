@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..locks import OutputLock
 from ..models.adapter import ModelAdapter
 from ..models.registry import load_model_cfg, resolve_device
-from ..outputs import atomic_write_bytes, write_csv
+from ..outputs import atomic_write_bytes, save_figure, write_csv
 from .acts import Loader, check_layers, flat_activations, layer_gradients, resolve_class, set_items
 from .config import ConceptsConfig
 
@@ -348,7 +348,6 @@ def _write(out: Path, rows, runs, cavs, accs, t) -> dict[str, Path]:
 def plot_tcav(path: Path, rows: list[dict], alpha: float) -> Path:
     """Bar chart: one panel per class, bars per (layer, concept) with std error bars, the
     random-vs-random mean as a grey bar, '*' over significant concepts, 'n.s.' (hatched) else."""
-    import io
 
     import matplotlib
 
@@ -391,9 +390,4 @@ def plot_tcav(path: Path, rows: list[dict], alpha: float) -> Path:
         ax.set_ylabel("TCAV score")
         ax.set_title(f"class {k} ({label})\n* significant (Bonferroni p < {alpha:g}), n.s. not", fontsize=9)
         ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)

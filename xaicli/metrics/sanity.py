@@ -15,7 +15,6 @@ per method (OUT/sanity_<method>.png); metrics.csv gets the fully randomized corr
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, ClassVar
@@ -154,7 +153,7 @@ def write_sanity(out: Path, rows: list[dict]) -> list[Path]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from ..outputs import atomic_write_bytes
+    from ..outputs import save_figure
 
     write_csv(out / "sanity.csv", SANITY_FIELDS, rows)
     plots = []
@@ -182,11 +181,5 @@ def write_sanity(out: Path, rows: list[dict]) -> list[Path]:
         ax.set_title(f"sanity check (cascading randomization): {method}, {n} image(s)")
         ax.legend()
         ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        b = io.BytesIO()
-        fig.savefig(b, format="png")
-        plt.close(fig)
-        path = out / f"sanity_{method}.png"
-        atomic_write_bytes(path, b.getvalue())
-        plots.append(path)
+        plots.append(save_figure(fig, out / f"sanity_{method}.png"))
     return plots

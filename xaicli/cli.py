@@ -214,15 +214,7 @@ def explain(
     from .explain_run import RunOptions, run_explain
     from .progress import RichProgress
 
-    overrides = {
-        "input": _inputs(inputs),
-        "methods": method,
-        "output": str(out) if out else None,
-        "model.name": model,
-        "model.weights": weights,
-        "model.layer": layer,
-        "target": target,
-        "device": device,
+    overrides = _run_overrides(inputs, method, out, model, weights, layer, target, device) | {
         "batch_size": batch_size,
         "workers": workers,
         "colormap": colormap,
@@ -341,18 +333,8 @@ def check(
     from .config import build_config
     from .preflight import preflight
 
-    overrides = {
-        "input": _inputs(inputs),
-        "methods": method,
-        "output": str(out) if out else None,
-        "model.name": model,
-        "model.weights": weights,
-        "model.layer": layer,
-        "target": target,
-        "device": device,
-        "metrics": metrics,
-        "annotations": str(annotations) if annotations else None,
-    }
+    overrides = _run_overrides(inputs, method, out, model, weights, layer, target, device)
+    overrides |= {"metrics": metrics, "annotations": str(annotations) if annotations else None}
     cfg = build_config(config, overrides)
     rep = preflight(cfg, force=force, limit=limit, shard=shard, budget_hours=budget)
     if as_json:
@@ -413,6 +395,20 @@ def _print_check(rep) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     for e in rep.errors:
         err_console.print(f"[bold red]error:[/] {escape(e)}", highlight=False)
+
+
+def _run_overrides(inputs, method, out, model, weights, layer, target, device) -> dict:
+    """The config overrides `xai explain` and `xai check` share (None = not given on the command line)."""
+    return {
+        "input": _inputs(inputs),
+        "methods": method,
+        "output": str(out) if out else None,
+        "model.name": model,
+        "model.weights": weights,
+        "model.layer": layer,
+        "target": target,
+        "device": device,
+    }
 
 
 def _inputs(inputs: list[str] | None):

@@ -21,6 +21,13 @@ from .outputs import is_reserved, load_yaml
 DEFAULT_OUT = "xai-out"
 
 
+def check_device(v: str) -> str:
+    """The `device:` value, checked (a pydantic validator for every config that has one)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+        raise ValueError("allowed: auto, cpu, cuda, cuda:N, mps")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -307,9 +314,7 @@ class RunConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v):
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
-            raise ValueError("allowed: auto, cpu, cuda, cuda:N, mps")
-        return v
+        return check_device(v)
 
     @field_validator("colormap")
     @classmethod

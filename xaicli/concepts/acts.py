@@ -9,7 +9,7 @@ keeps per batch (a flattened activation, a dot product, a crop's mean) stays in 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -18,10 +18,26 @@ from torch import Tensor
 from ..data import ImageDataset, ImageItem, discover, make_loader
 from ..errors import ConfigError, InputError, MethodError
 from ..hooks import capture
+from ..locks import OutputLock
+from ..models.adapter import ModelAdapter
+from ..models.registry import load_model_cfg, resolve_device
 from ..objectives import get_objective
 from ..outputs import ERROR_FIELDS, CsvAppender
 
 ERRORS = "errors.csv"
+
+
+@contextmanager
+def concept_session(cfg, wait: bool, lm=None):
+    """OUT/concepts/ made and locked for the command; yields (device, the LoadedModel in eval mode
+    (`lm`, or cfg.model loaded), its ModelAdapter)."""
+    out = cfg.concepts_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out, wait=wait):
+        device = resolve_device(cfg.device)
+        lm = lm or load_model_cfg(cfg.model, device)
+        lm.model.eval()
+        yield device, lm, ModelAdapter(lm.model, lm.preprocess.input_size)
 
 
 def set_items(what: str, folder: str) -> list[ImageItem]:

@@ -17,13 +17,12 @@ bounded numbers, one-line errors naming the key). Paths are relative to the conf
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..config import DEFAULT_OUT, ModelCfg, _Strict, format_validation_error, read_yaml
+from ..config import DEFAULT_OUT, ModelCfg, _Strict, check_device, format_validation_error, read_yaml
 from ..errors import ConfigError
 
 
@@ -123,9 +122,7 @@ class ConceptsConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v):
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
-            raise ValueError("allowed: auto, cpu, cuda, cuda:N, mps")
-        return v
+        return check_device(v)
 
     @property
     def concepts_dir(self) -> Path:

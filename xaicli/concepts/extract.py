@@ -34,12 +34,9 @@ from torch import Tensor
 
 from ..errors import ConfigError, MethodError
 from ..hooks import capture, replace_output
-from ..locks import OutputLock
-from ..models.adapter import ModelAdapter
-from ..models.registry import load_model_cfg, resolve_device
 from ..nmf import FACTORISATION, load_factorisation, nmf, nmf_transform, relative_error, save_factorisation
 from ..outputs import atomic_write_bytes, read_csv, write_csv
-from .acts import Loader, layer_gradients, resolve_class, set_items
+from .acts import Loader, concept_session, layer_gradients, resolve_class, set_items
 from .config import ConceptsConfig
 from .tcav import reset_errors
 
@@ -176,12 +173,8 @@ def run_extract(cfg: ConceptsConfig, progress=None, wait: bool = False, force: b
     t0 = time.perf_counter()
     e = cfg.extract
     out = cfg.concepts_dir
-    out.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out, wait=wait):
-        device = resolve_device(cfg.device)
-        lm = lm or load_model_cfg(cfg.model, device)
-        model = lm.model.eval()
-        adapter = ModelAdapter(model, lm.preprocess.input_size)
+    with concept_session(cfg, wait, lm) as (device, lm, adapter):
+        model = lm.model
         try:
             layer = adapter.resolve_layer(e.layer)
         except MethodError as err:

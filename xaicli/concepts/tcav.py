@@ -28,11 +28,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..locks import OutputLock
-from ..models.adapter import ModelAdapter
-from ..models.registry import load_model_cfg, resolve_device
 from ..outputs import atomic_write_bytes, save_figure, write_csv
-from .acts import Loader, check_layers, flat_activations, layer_gradients, resolve_class, set_items
+from .acts import Loader, check_layers, concept_session, flat_activations, layer_gradients, resolve_class, set_items
 from .config import ConceptsConfig
 
 TCAV_FIELDS = [
@@ -160,12 +157,8 @@ def run_tcav(cfg: ConceptsConfig, progress=None, wait: bool = False, lm=None) ->
     t0 = time.perf_counter()
     t = cfg.tcav
     out = cfg.concepts_dir
-    out.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out, wait=wait):
-        device = resolve_device(cfg.device)
-        lm = lm or load_model_cfg(cfg.model, device)
-        model = lm.model.eval()
-        adapter = ModelAdapter(model, lm.preprocess.input_size)
+    with concept_session(cfg, wait, lm) as (device, lm, adapter):
+        model = lm.model
         layers = check_layers(adapter, t.layers)
         classes = [(resolve_class(lm, k), set_items(f"classes.{k}", f)) for k, f in t.classes.items()]
         concept_items = {c: set_items(f"concepts.{c}", f) for c, f in t.concepts.items()}

@@ -69,9 +69,15 @@ def test_signed_map_with_equal_mass_renders_zero_at_the_colormaps_centre():
     assert torch.all(v[m == 0] == 0.5)
     assert torch.all(v[m == -3.0] == 0.0) and torch.allclose(v[m == 1.0], torch.tensor(0.5 + 0.5 / 3))
     lut = colormap_lut("bwr")
-    img = overlay(np.zeros((16, 16, 3), np.uint8), m, (0, 0, 16, 16), "bwr", 1.0, "signed", 100.0)
-    assert (img[m == 0] == lut[128]).all()  # the centre of the diverging colormap (white for bwr)
-    assert (img[m == -3.0] == lut[0]).all()
+    photo = np.full((16, 16, 3), 77, np.uint8)
+    img = overlay(photo, m, (0, 0, 16, 16), "bwr", 1.0, "signed", 100.0)
+    assert (img[m == 0] == 77).all()  # zero attribution: the photo, not the colormap's white washed over it
+    assert (img[m == -3.0] == lut[0]).all()  # full strength: the colour itself
+    assert (img[m == 1.0] == lut[170]).all()  # a third of the clip scale: opaque already (from a quarter)
+    w = np.where(m == 1.0, 0.25, m).astype(np.float32)  # the clip scale stays 3: 0.25 is 1/12 of it
+    weak = overlay(photo, w, (0, 0, 16, 16), "bwr", 1.0, "signed", 100.0)
+    want = 77 * (2 / 3) + lut[round(255 * (0.5 + 0.5 / 12))].astype(np.float32) / 3 + 0.5  # 1/12 -> 1/3 opaque
+    assert (np.abs(weak[m == 1.0].astype(int) - want.astype(np.uint8).astype(int)) <= 1).all()
     # min-max would have put zero at 0.75 of the colormap, not at its centre
     assert torch.allclose(normalize01(torch.from_numpy(m)[None])[0][m == 0], torch.tensor(0.75))
 

@@ -242,7 +242,9 @@ def overlay(
     `cam` is the map over the model input; `box` (left, top, right, bottom) is where that input
     lies in the original image (the centre crop). Outside the box the model saw nothing, so the
     original is shown dimmed there. The map is scaled for display by its kind (ops.display01:
-    min-max, percentile-clipped magnitude, or signed around the colormap's centre).
+    min-max, percentile-clipped magnitude, or signed around the colormap's centre). A signed map's
+    opacity grows with |attribution| (alpha from a quarter of the clip scale up): zero shows the photo,
+    not the colormap's centre washed over it.
     """
     h, w = orig.shape[:2]
     left, top, right, bottom = (int(round(v)) for v in box)
@@ -256,7 +258,10 @@ def overlay(
     color = colormap_lut(cmap)[idx]
     out = (orig.astype(np.float32) * 0.5).astype(np.uint8)  # dimmed outside the crop
     region = orig[top:bottom, left:right].astype(np.float32)
-    out[top:bottom, left:right] = (region * (1.0 - alpha) + color.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+    a = alpha
+    if kind == "signed":  # opacity follows the strength, so zero attribution leaves the photo as it is
+        a = alpha * np.minimum(1.0, 4.0 * np.abs(resized * 2.0 - 1.0))[..., None]  # full from 1/4 of the clip scale
+    out[top:bottom, left:right] = (region * (1.0 - a) + color.astype(np.float32) * a + 0.5).astype(np.uint8)
     return out
 
 

@@ -400,15 +400,16 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str])
 # end to end
 # ------------------------------------------------------------------------------------------------
 def make_folder(d: Path, megapixels: list[float]) -> Path:
-    """JPEGs of the given sizes (4:3, quality 90), made by upscaling the sample photos."""
+    """JPEGs of the given sizes (4:3, quality 90, sides multiples of 16 like a camera's), made by
+    upscaling the sample photos."""
     from PIL import Image, ImageFilter
 
     src = sorted(p for p in (ROOT / "sample_images").iterdir() if p.suffix in (".png", ".jpg"))
     out = d / "jpegs"
     out.mkdir(parents=True, exist_ok=True)
     for i, mp in enumerate(megapixels):
-        w = int((mp * 1e6 * 4 / 3) ** 0.5)
-        h = int(w * 3 / 4)
+        h = max(16, round((mp * 1e6 * 3 / 4) ** 0.5 / 16) * 16)
+        w = h * 4 // 3 // 16 * 16
         img = Image.open(src[i % len(src)]).convert("RGB").resize((w, h), Image.BILINEAR)
         img.filter(ImageFilter.DETAIL).save(out / f"img{i:03d}_{mp}mp.jpg", quality=90)
     return out

@@ -43,6 +43,7 @@ def test_bench_tiny_writes_the_generated_block(tmp_path):
         "vs compute-only",
         "| target (issue #13) | measured | met |",
         "machine load at the start",
+        "other processes' CPU time during the run",
         "versions: xaicli",
     ):
         assert row in block, row

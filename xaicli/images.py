@@ -7,7 +7,6 @@ transparency composited over white, and a pixel limit checked from the header be
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager

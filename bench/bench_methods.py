@@ -44,8 +44,11 @@ BEGIN, END = "<!-- bench:generated:start -->", "<!-- bench:generated:end -->"
 
 # per mode: batch, the costly methods' settings, the e2e folder (megapixels of its JPEGs), Ray
 MODES = {
+    # full: issue #13's settings (IG 50 steps, SmoothGrad 25, RISE 2000 masks, deletion 100 steps) at
+    # batch 2, so that it takes about 10 minutes on 2 idle cores (see ESTIMATE); the rows #13 does not
+    # name (perturbation, Shapley, TorchCAM's Score-CAM) at the quick settings or left out
     "full": {
-        "batch": 4,
+        "batch": 2,
         "ig": 50,
         "sg": 25,
         "rise": 2000,
@@ -53,9 +56,9 @@ MODES = {
         "deletion": 0.01,
         "mp": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] * 3,
         "ray": True,
-        "perturb": (50, 20, 500, 25),  # meaningful / extremal iterations, KernelSHAP / GradientSHAP samples
+        "perturb": (20, 10, 200, 10),  # meaningful / extremal iterations, KernelSHAP / GradientSHAP samples
         "repeat": 3,
-        "torchcam_scorecam": True,
+        "torchcam_scorecam": False,
     },
     "quick": {
         "batch": 2,
@@ -96,6 +99,78 @@ COSTLY = {
     "kernelshap",
     "gradientshap",
 }
+
+
+def warm_settings(m: dict) -> dict:
+    """The costly rows' warm-up settings: the same code paths at a fraction of the work (2 steps,
+    16 masks, a few occlusion positions...), run on one image; the batch-64 forwards of Score-CAM,
+    RISE and occlusion are warmed once by `warm64`."""
+    w = m["occlusion"][0]
+    return m | {"ig": 2, "sg": 2, "rise": 16, "occlusion": (2 * w, 2 * w), "deletion": 0.25}
+    # (perturb is kept: its iterations are cheap next to the rows above and set the code path)
+
+
+def occlusion_positions(m: dict, side: int = 224) -> int:
+    w, s = m["occlusion"]
+    return ((side - w) // s + 1) ** 2
+
+
+# Each row's cost per batch in units of plain inference on the same batch, from the idle 17:07 run
+# (docs/benchmarks.md), scaled by the settings: the running estimate multiplies them by the
+# measured plain-inference time. Rows not listed count 3 units.
+ESTIMATE = {
+    "gradcam": lambda m: 1.0,
+    "saliency": lambda m: 2.5,
+    "integrated_gradients": lambda m: 5.2 * m["ig"],
+    "smoothgrad": lambda m: 4.2 * m["sg"],
+    "scorecam": lambda m: 1630.0,
+    "rise": lambda m: 2.5 * m["rise"],
+    "occlusion": lambda m: 2.5 * occlusion_positions(m),
+    "lrp": lambda m: 24.0,
+    "meaningful_perturbation": lambda m: 5.5 * m["perturb"][0],
+    "extremal_perturbation": lambda m: 27.0 * m["perturb"][1],
+    "kernelshap": lambda m: 2.3 * m["perturb"][2],
+    "gradientshap": lambda m: 4.8 * m["perturb"][3],
+    "deletion": lambda m: 1.56 / m["deletion"],
+    ("gradcam", "pytorch-grad-cam"): lambda m: 5.4,
+    ("scorecam", "pytorch-grad-cam"): lambda m: 3675.0,
+    ("scorecam", "TorchCAM"): lambda m: 3675.0,
+    ("gradcam", "Captum"): lambda m: 2.1,
+    ("saliency", "Captum"): lambda m: 4.2,
+    ("integrated_gradients", "Captum"): lambda m: 4.9 * m["ig"],
+    ("smoothgrad", "Captum"): lambda m: 4.85 * m["sg"],
+    ("occlusion", "Captum"): lambda m: 2.35 * occlusion_positions(m),
+    ("gradcam", "TorchCAM"): lambda m: 1.5,
+    ("lrp", "Zennit"): lambda m: 21.0,
+}
+E2E_SECONDS_PER_IMAGE = 2.5  # the end-to-end part (generation, profile, 3 local runs, Ray), idle, per JPEG
+
+
+class Estimate:
+    """Prints, after each row, the time so far and an estimate of the time still to go."""
+
+    def __init__(self, rows: list, m: dict, rep: int, e2e_images: int):
+        self.t0, self.m, self.rep = time.perf_counter(), m, rep
+        self.todo = list(rows)
+        self.e2e = E2E_SECONDS_PER_IMAGE * e2e_images
+        self.plain: float | None = None
+
+    def units(self, row) -> float:
+        key = row if isinstance(row, str) else row[0]
+        runs = 1 if key in COSTLY else self.rep + 1  # costly: one timed run (the warm-up is small)
+        return ESTIMATE.get(row, lambda m: 3.0)(self.m) * runs
+
+    def done(self, row=None) -> str:
+        if row in self.todo:
+            self.todo.remove(row)
+        elapsed = time.perf_counter() - self.t0
+        if self.plain is None:
+            return f"{elapsed:.0f} s so far"
+        left = sum(self.units(r) for r in self.todo) * self.plain + self.e2e
+        return f"{elapsed:.0f} s so far, about {left / 60:.1f} min to go"
+
+    def e2e_done(self) -> None:
+        self.e2e = 0.0
 
 
 class TinyNet(nn.Module):
@@ -187,6 +262,7 @@ def load() -> str:
 
 
 MONITOR: OtherCPU | None = None  # set by main() for the whole run
+EST: Estimate | None = None  # set by bench_compute
 
 
 def status() -> str:
@@ -427,8 +503,9 @@ def path_points(name: str, m: dict) -> int:
     return {"integrated_gradients": m["ig"], "smoothgrad": m["sg"]}.get(name, 0)
 
 
-def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str]) -> dict:
+def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str], e2e_images: int = 0) -> dict:
     """The method and peer rows: {"rows": [...], "pairs": [...]}."""
+    global EST
     model = lm_or_model.model
     ctx = make_context(lm_or_model)
     with torch.no_grad():
@@ -436,10 +513,24 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str])
     b = x.shape[0]
     rows, pairs, secs = [], [], {}
     rep = m["repeat"]
+    wm = warm_settings(m)
+    planned = [k for k in [*our_specs(m), "deletion"] if not only or k in only]
+    if peers:
+        planned += [
+            k
+            for k in ESTIMATE
+            if isinstance(k, tuple) and (not only or k[0] in only) and (m["torchcam_scorecam"] or k[1] != "TorchCAM")
+        ]
+    EST = Estimate(planned, m, rep, e2e_images)
 
-    def add(name, sec, mem, pp=0, peer=None):
+    def add(name, sec, mem, pp=0, key=None):
         rows.append({"name": name, "sec": sec, "ips": b / sec, "mem": mem, "pp": pp * b / sec if pp else 0.0})
-        print(f"  {name}: {b / sec:.2f} images/s, {mem:.0f} MiB [{status()}]", flush=True)
+        print(f"  {name}: {b / sec:.2f} images/s, {mem:.0f} MiB [{status()}; {EST.done(key)}]", flush=True)
+
+    def warm64():
+        """The batch-64 forward that Score-CAM, RISE and occlusion (ours and the peers') run."""
+        with torch.no_grad():
+            model(x[:1].expand(64, *x.shape[1:]).contiguous())
 
     def infer(xx=x):
         with torch.no_grad():
@@ -454,15 +545,21 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str])
     with eval_mode(model):
         fwd_bwd()  # glibc's mmap threshold: see docs/benchmarks.md ("Pitfall")
         base, mem = timeit(infer, infer, device, max(rep, 3))
+        EST.plain = base
         add("plain inference (no grad)", base, mem)
         secs["plain"] = base
+        warm64()
         sec, mem = timeit(fwd_bwd, fwd_bwd, device, max(rep, 3))
         add("forward + backward to the input", sec, mem)
         for key, (name, params) in our_specs(m).items():
             if only and key not in only:
                 continue
             bm = build_method(name, **params).bind(ctx)
-            warm = (lambda bm=bm: bm(x[:1], target[:1])) if key in COSTLY else (lambda bm=bm: bm(x, target))
+            warm = lambda bm=bm: bm(x, target)  # noqa: E731
+            if key in COSTLY:  # the same code path, reduced: one image, fewer steps/masks/positions
+                _, wparams = our_specs(wm)[key]
+                wb = build_method(name, **wparams).bind(ctx) if name != "scorecam" else None
+                warm = (lambda wb=wb: wb(x[:1], target[:1])) if wb is not None else warm64
             sec, mem = timeit(lambda bm=bm: bm(x, target), warm, device, 1 if key in COSTLY else rep)
             label = key + {"integrated_gradients": f" ({m['ig']} steps)", "smoothgrad": f" ({m['sg']} samples)"}.get(
                 key, ""
@@ -475,25 +572,30 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str])
                 "kernelshap": f" ({m['perturb'][2]} samples)",
                 "gradientshap": f" ({m['perturb'][3]} samples)",
             }.get(key, "")
-            add(label, sec, mem, path_points(key, m))
+            add(label, sec, mem, path_points(key, m), key)
             secs[key] = sec
         if not only or "deletion" in only:
             from xaicli.metrics import build_metric
 
             gm = build_method("gradcam").bind(ctx)(x, target).maps
             dele = build_metric("deletion", step=m["deletion"])
+            wdel = build_metric("deletion", step=wm["deletion"])
             steps = round(1 / m["deletion"])
-            sec, mem = timeit(lambda: dele(ctx, x, gm, target), lambda: dele(ctx, x[:1], gm[:1], target[:1]), device, 1)
-            add(f"deletion curve ({steps} steps, of the Grad-CAM maps)", sec, mem)
+            sec, mem = timeit(lambda: dele(ctx, x, gm, target), lambda: wdel(ctx, x[:1], gm[:1], target[:1]), device, 1)
+            add(f"deletion curve ({steps} steps, of the Grad-CAM maps)", sec, mem, key="deletion")
         if peers:
             layer = build_method("gradcam").bind(ctx).resolved()["layer"]
             mean, std = ctx.mean, ctx.std
             peer_model = copy.deepcopy(model)
+            # the costly peers warm up like ours: reduced settings on one image (Score-CAM: warm64)
+            # (on their own copy of the model: the peers' hooks stay off the timed model)
+            warms = peer_fns(copy.deepcopy(model), x[:1], target[:1], layer, wm, mean, std)
             for (ours, peer), fn in peer_fns(peer_model, x, target, layer, m, mean, std).items():
                 if only and ours not in only:
                     continue
-                sec, mem = timeit(fn, fn if ours not in COSTLY else fn, device, 1 if ours in COSTLY else rep)
-                add(f"{ours} / {peer}", sec, mem, path_points(ours, m))
+                warm = fn if ours not in COSTLY else warm64 if ours == "scorecam" else warms[(ours, peer)]
+                sec, mem = timeit(fn, warm, device, 1 if ours in COSTLY else rep)
+                add(f"{ours} / {peer}", sec, mem, path_points(ours, m), (ours, peer))
                 if ours in secs:
                     pairs.append({"ours": ours, "peer": peer, "ratio": sec / secs[ours], "pp": path_points(ours, m)})
     return {"rows": rows, "pairs": pairs, "plain": secs["plain"], "secs": secs, "batch": b}
@@ -640,7 +742,7 @@ def bench_e2e(m: dict, batch: int, device, want_ray: bool) -> dict:
         for i, (label, kw) in enumerate(settings):
             r = run_folder(folder, Path(d) / f"out{i}", batch, device.type, **kw)
             res["runs"].append({"label": "local engine, " + label} | r)
-            print(f"  e2e {label}: {e2e_text(r)} [{status()}]", flush=True)
+            print(f"  e2e {label}: {e2e_text(r)} [{status()}; {EST.done() if EST else ''}]", flush=True)
         if want_ray:
             try:
                 import ray
@@ -655,7 +757,11 @@ def bench_e2e(m: dict, batch: int, device, want_ray: bool) -> dict:
             finally:
                 ray.shutdown()
             res["runs"].append({"label": "Ray engine (local runtime), fast"} | r)
-            print(f"  e2e ray (ray.init {res['ray_init']:.1f} s before): {e2e_text(r)} [{status()}]", flush=True)
+            print(
+                f"  e2e ray (ray.init {res['ray_init']:.1f} s before): {e2e_text(r)} [{status()}; "
+                f"{EST.done() if EST else ''}]",
+                flush=True,
+            )
     return res
 
 
@@ -854,7 +960,7 @@ def main(argv=None) -> int:
         x = torch.stack([xs[i % len(xs)] for i in range(m["batch"])]).to(device)
         model_name = "default (EfficientNet-Lite0, 224x224), the sample images"
     only = [s for s in a.only.split(",") if s]
-    comp = bench_compute(subject, x, m, device, not a.no_peers, only)
+    comp = bench_compute(subject, x, m, device, not a.no_peers, only, 0 if a.no_e2e else len(m["mp"]))
     e2e = None
     if not a.no_e2e:
         e2e = bench_e2e(m, m["batch"], device, m["ray"] and not a.no_ray)

@@ -143,7 +143,7 @@ ESTIMATE = {
     ("gradcam", "TorchCAM"): lambda m: 1.5,
     ("lrp", "Zennit"): lambda m: 21.0,
 }
-E2E_SECONDS_PER_IMAGE = 2.5  # the end-to-end part (generation, profile, 3 local runs, Ray), idle, per JPEG
+E2E_SECONDS_PER_IMAGE = 3.0  # the end-to-end part (generation, profile, 4 local runs, Ray), idle, per JPEG
 
 
 class Estimate:
@@ -738,9 +738,19 @@ def bench_e2e(m: dict, batch: int, device, want_ray: bool) -> dict:
             ("defaults (PNG at the original size, .npy)", {}),
             ("fast (" + ", ".join(f"{k}: {v}" for k, v in fast.items()) + ")", fast),
             ("fast, maps as npz-f16", fast | {"save_maps": "npz-f16"}),
+            # the decode workers and torch's threads share the cores: one torch thread leaves them one
+            ("fast, 1 torch thread (OMP_NUM_THREADS=1)", fast),
         ]
         for i, (label, kw) in enumerate(settings):
-            r = run_folder(folder, Path(d) / f"out{i}", batch, device.type, **kw)
+            threads = torch.get_num_threads()
+            if "1 torch thread" in label:
+                if device.type != "cpu" or threads == 1:
+                    continue
+                torch.set_num_threads(1)
+            try:
+                r = run_folder(folder, Path(d) / f"out{i}", batch, device.type, **kw)
+            finally:
+                torch.set_num_threads(threads)
             res["runs"].append({"label": "local engine, " + label} | r)
             print(f"  e2e {label}: {e2e_text(r)} [{status()}; {EST.done() if EST else ''}]", flush=True)
         if want_ray:

@@ -9,11 +9,12 @@ Rows: plain inference; forward+backward to the input; every method (IG 50 steps,
 Score-CAM, RISE 2000 masks, occlusion, LRP); the 100-step deletion curve; the peers doing the same
 (pytorch-grad-cam, Captum, TorchCAM, Zennit, when installed); images/s, time relative to plain
 inference, peak memory; ratios to each peer (IG and SmoothGrad also as path points per second);
-the end-to-end folder run over generated 1-12 MP JPEGs as a ratio to compute-only; the Ray engine
-on a local Ray runtime against the local engine on the same folder. Each figure is the median of
---repeat timed runs after a warm-up (the costly rows warm up on one image), CUDA synchronised.
-The machine's load (os.getloadavg) is printed at the start and the end: on a shared machine the
-figures are only as good as that.
+the end-to-end folder run over generated 1-12 MP JPEGs as a ratio to compute-only (whole run and
+steady state); the Ray engine on a local Ray runtime against the local engine on the same folder.
+Each figure is the median of --repeat timed runs after a warm-up (the costly rows: one timed run
+after a warm-up on one image at reduced settings), CUDA synchronised. A running estimate of the
+time to go is printed after every row. The CPU time other processes used during the run is
+measured (OtherCPU) and printed; above 10 % of the CPUs the targets are not judged.
 """
 
 from __future__ import annotations

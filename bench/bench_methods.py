@@ -104,11 +104,10 @@ COSTLY = {
 
 def warm_settings(m: dict) -> dict:
     """The costly rows' warm-up settings: the same code paths at a fraction of the work (2 steps,
-    16 masks, a few occlusion positions...), run on one image; the batch-64 forwards of Score-CAM,
+    16 masks, a few occlusion positions, 2 iterations, 16 Shapley samples), run on one image; the batch-64 forwards of Score-CAM,
     RISE and occlusion are warmed once by `warm64`."""
     w = m["occlusion"][0]
-    return m | {"ig": 2, "sg": 2, "rise": 16, "occlusion": (2 * w, 2 * w), "deletion": 0.25}
-    # (perturb is kept: its iterations are cheap next to the rows above and set the code path)
+    return m | {"ig": 2, "sg": 2, "rise": 16, "occlusion": (2 * w, 2 * w), "deletion": 0.25, "perturb": (2, 2, 16, 2)}
 
 
 def occlusion_positions(m: dict, side: int = 224) -> int:

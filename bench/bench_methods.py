@@ -154,6 +154,7 @@ class Estimate:
         self.todo = list(rows)
         self.e2e = E2E_SECONDS_PER_IMAGE * e2e_images
         self.plain: float | None = None
+        self.rows_end: float | None = None
 
     def units(self, row) -> float:
         key = row if isinstance(row, str) else row[0]
@@ -166,11 +167,11 @@ class Estimate:
         elapsed = time.perf_counter() - self.t0
         if self.plain is None:
             return f"{elapsed:.0f} s so far"
-        left = sum(self.units(r) for r in self.todo) * self.plain + self.e2e
+        if not self.todo and self.rows_end is None:
+            self.rows_end = elapsed  # the rows are done: the end-to-end part counts down from here
+        e2e = self.e2e if self.rows_end is None else max(0.0, self.e2e - (elapsed - self.rows_end))
+        left = sum(self.units(r) for r in self.todo) * self.plain + e2e
         return f"{elapsed:.0f} s so far, about {left / 60:.1f} min to go"
-
-    def e2e_done(self) -> None:
-        self.e2e = 0.0
 
 
 class TinyNet(nn.Module):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -238,6 +238,36 @@ def deferred_interrupts() -> Iterator[Callable[[], bool]]:
             signal.signal(s, h)
 
 
+def drive(sinks: list[Sink], progress, total: int, start: Callable[[], Iterable], handle: Callable) -> str:
+    """The frame of every explain loop (Engine.run, the Ray driver): progress started, `start()`
+    (set-up; returns what to iterate), `handle(each)` per element with Ctrl-C/SIGTERM deferred to
+    the next element (deferred_interrupts), then every sink closed in reverse with the final status
+    (done | interrupted | error) and progress stopped. Returns "done"; an interrupt or error is
+    re-raised after the sinks are closed, so every finished batch stays on disk."""
+    status = "error"
+    if progress:
+        progress.start(total)
+    try:
+        source = start()
+        with deferred_interrupts() as stop:
+            for each in source:
+                handle(each)
+                if stop():
+                    raise KeyboardInterrupt
+        status = "done"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        # in reverse: the map sink (last) flushes explanations.csv before the metric sink's
+        # summaries read it; consume() runs in order, so metric rows reach disk first
+        for s in reversed(sinks):
+            s.close(status)
+        if progress:
+            progress.stop()
+    return status
+
+
 class Engine:
     """The loop: batches from a loader -> `step` -> every sink; progress and the JSON log around it."""
 
@@ -250,29 +280,14 @@ class Engine:
 
     def run(self, loader, items: list[ImageItem], failed: list[dict] | None = None, total: int | None = None) -> str:
         """Consume the loader; returns the final status (done | interrupted | error)."""
-        status = "error"
-        if self.progress:
-            self.progress.start(total if total is not None else len(items))
-        try:
+
+        def start():
             if failed:
                 self._fail(failed)
-            with deferred_interrupts() as stop:
-                for batch in loader:
-                    self._batch(batch, items)
-                    if stop():
-                        raise KeyboardInterrupt
-            status = "done"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        finally:
-            # in reverse: the map sink (last) flushes explanations.csv before the metric sink's
-            # summaries read it; consume() runs in order, so metric rows reach disk first
-            for s in reversed(self.sinks):
-                s.close(status)
-            if self.progress:
-                self.progress.stop()
-        return status
+            return loader
+
+        n = total if total is not None else len(items)
+        return drive(self.sinks, self.progress, n, start, lambda batch: self._batch(batch, items))
 
     def _fail(self, rows: list[dict]) -> None:
         for s in self.sinks:

@@ -7,7 +7,6 @@ transparency composited over white, and a pixel limit checked from the header be
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,21 +82,37 @@ def draft_scale(size: tuple[int, int], min_short: int | None, max_side: int | No
     return min(1.0, max(min_short / min(w, h), max_side / max(w, h)))
 
 
+def draft_factor(size: tuple[int, int], min_short: int | None, max_side: int | None) -> int:
+    """The JPEG DCT reduction (1, 2, 4 or 8) to decode at: the largest whose scale is at least
+    `draft_scale` and that divides both sides exactly. A side that is not a multiple of the
+    reduction ends in a partial block, so the decoded picture would not be the original scaled by
+    exactly 1/n (a 1154x865 JPEG at 1/2 is 577x433, i.e. 865/433 != 2): the model's resize would
+    then sample it up to half a pixel off and shift the map (measured: up to 57/255 on the model
+    input). Such a picture is decoded at a reduction that divides it, or whole."""
+    f = draft_scale(size, min_short, max_side)
+    w, h = size
+    for n in (8, 4, 2):
+        if 1.0 / n >= f and w % n == 0 and h % n == 0:
+            return n
+    return 1
+
+
 def load_for_run(
     path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_short: int | None = None, max_side: int | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """(RGB image, original (width, height) after EXIF orientation).
 
     A JPEG is decoded at a reduced DCT scale (PIL `draft`: 1/2, 1/4 or 1/8, several times faster
-    than a full decode) when `draft_scale` allows it; the image is then at least that large. The
-    original size comes from the header, so crop boxes and annotation boxes stay in original
-    pixel coordinates. Other formats are decoded whole (`fit_side` makes the overlay's copy).
+    than a full decode) when `draft_factor` allows it; the image is then at least that large and
+    exactly the original scaled by 1/n. The original size comes from the header, so crop boxes and
+    annotation boxes stay in original pixel coordinates. Other formats are decoded whole (`fit_side`
+    makes the overlay's copy).
     """
     with opened(path, max_pixels) as im:
         w, h = im.size
-        f = draft_scale((w, h), min_short, max_side)
-        if f < 1.0 and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
-            im.draft(im.mode, (max(1, math.ceil(w * f)), max(1, math.ceil(h * f))))
+        n = draft_factor((w, h), min_short, max_side)
+        if n > 1 and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            im.draft(im.mode, (w // n, h // n))
         im.load()
         dw, dh = im.size
         img = to_rgb(ImageOps.exif_transpose(im))

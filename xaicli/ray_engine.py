@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .data import ImageDataset, ImageItem, collate
-from .engine import BatchResult, check_amp, deferred_interrupts, error_row, explain_step, precision, to_memory_format
+from .engine import BatchResult, check_amp, drive, error_row, explain_step, precision, to_memory_format
 from .errors import ConfigError
 
 INSTALL_HINT = "engine: ray needs Ray Data: pip install 'xaicli[ray]' (or pip install 'ray[data]')"
@@ -192,10 +192,8 @@ def run_ray(cfg, work: list[ImageItem], targets, missing: list[dict], sinks: lis
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         started = True
-    status = "error"
-    if progress:
-        progress.start(len(work) + len(missing))
-    try:
+
+    def start():
         from ray.data import ActorPoolStrategy, DataContext
 
         for name in ("ray", "ray.data"):  # Ray Data's INFO lines would interleave with the progress bar
@@ -210,43 +208,37 @@ def run_ray(cfg, work: list[ImageItem], targets, missing: list[dict], sinks: lis
             if progress:
                 progress.advance(len(missing))
         log.event("ray_start", actors=size, resources=res, address=cfg.ray_address)
-        if work:
-            tg = targets if targets is not None else [-1] * len(work)
-            # the resume key (size, mtime_ns) travels with each item: actors never hold the whole plan
-            key = lambda it: maps.keys.get(it.rel) or ("", "")  # noqa: E731
-            data = ray.data.from_items(
-                [
-                    {"path": str(it.path), "rel": it.rel, "target": int(t), "size": str(key(it)[0])}
-                    | {"mtime_ns": str(key(it)[1])}
-                    for it, t in zip(work, tg, strict=True)
-                ]
-            )
-            args = (cfg, str(maps.out), maps.table.fields, maps.style, int(res.get("num_cpus", 1)))
-            results = data.map_batches(
-                ExplainActor,
-                fn_constructor_args=args,
-                batch_size=cfg.batch_size,
-                compute=ActorPoolStrategy(size=size),
-                batch_format="numpy",
-                **res,
-            )
-            with deferred_interrupts() as stop:
-                for out in results.iter_rows():
-                    _merge(json.loads(out["result"]), maps, errors, summary, log, progress)
-                    if stop():
-                        raise KeyboardInterrupt
-        status = "done"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
+        if not work:
+            return []
+        tg = targets if targets is not None else [-1] * len(work)
+        # the resume key (size, mtime_ns) travels with each item: actors never hold the whole plan
+        key = lambda it: maps.keys.get(it.rel) or ("", "")  # noqa: E731
+        data = ray.data.from_items(
+            [
+                {"path": str(it.path), "rel": it.rel, "target": int(t), "size": str(key(it)[0])}
+                | {"mtime_ns": str(key(it)[1])}
+                for it, t in zip(work, tg, strict=True)
+            ]
+        )
+        args = (cfg, str(maps.out), maps.table.fields, maps.style, int(res.get("num_cpus", 1)))
+        results = data.map_batches(
+            ExplainActor,
+            fn_constructor_args=args,
+            batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=size),
+            batch_format="numpy",
+            **res,
+        )
+        return results.iter_rows()
+
+    def handle(out) -> None:
+        _merge(json.loads(out["result"]), maps, errors, summary, log, progress)
+
+    try:
+        return drive(sinks, progress, len(work) + len(missing), start, handle)
     finally:
-        for s in reversed(sinks):
-            s.close(status)
-        if progress:
-            progress.stop()
         if started:
             ray.shutdown()
-    return status
 
 
 def _merge(doc: dict, maps, errors, summary, log, progress) -> None:

@@ -49,9 +49,9 @@ SEEDED = {  # perturbation/Shapley methods with their seeded randomness, small s
 @pytest.mark.parametrize("method", [m for m in SEEDED if m in METHODS])
 def test_seeded_methods_give_the_same_map_on_cuda(method):
     """Same seed, same map on CPU and CUDA: masks, coalitions, samples and jitter are drawn on the CPU."""
-    from conftest import TinyCNN
-
     from dataclasses import fields
+
+    from conftest import TinyCNN
 
     model = TinyCNN(width=8).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

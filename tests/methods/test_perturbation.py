@@ -474,7 +474,9 @@ def test_extremal_area_counts_the_mask_beyond_the_image():
     on this case before the fix, the corners stayed at 0.87 (centre 0.04) and 72 % of the mask's
     mass lay in the 6-px border ring (34 % of the image); after it, 0.08 (centre 0.11) and 33 %."""
     x = torch.randn(1, 3, N, N, generator=torch.Generator().manual_seed(0))
-    res = run("extremal_perturbation", Flat(), x, torch.zeros(1, dtype=torch.long), areas=[0.1], iterations=300, jitter=False)
+    res = run(
+        "extremal_perturbation", Flat(), x, torch.zeros(1, dtype=torch.long), areas=[0.1], iterations=300, jitter=False
+    )
     m = res.maps[0, 0]
     b = 6  # sigma at 64 px
     ring = torch.ones(N, N, dtype=torch.bool)

@@ -317,41 +317,61 @@ def test_meaningful_perturbation_mask_resizes_to_small_inputs_and_reports_extras
     assert ((res.extras["mp_prob"] >= 0) & (res.extras["mp_prob"] <= 1)).all()
 
 
-@pytest.mark.slow
-def test_meaningful_perturbation_on_coffee_deletes_the_espresso(default_model):
-    """Blurring the deleted region (deletion mask > 0.5) at least halves the espresso probability.
+ESPRESSO = 967
 
-    40 iterations (not 300) keep it CPU-feasible. Measured (CPU, official lambdas, image jittered
-    under the mask): the region is 54 % of the model input after 40 iterations (p 0.95 -> 0.003),
-    47 % after 100 (p 0.015), 44 % after the official 300 (p 0.014). The issue's "under 40 % of the
-    image" does NOT hold on the model input at any of these; coffee.png's 224-px input is its
-    central 350 x 350 px, 51 % of the 600 x 400 photo, so the same regions are 27 %, 24 % and 22 %
-    of the photo. The core (deletion > 0.75) is 23-25 % of the input and its blur leaves p <= 0.09.
-    With the Caffe script's start (`init: circle`) the region is 94 % after 300 iterations.
-    """
+
+@pytest.fixture(scope="module")
+def coffee_mp(default_model):
+    """coffee.png through meaningful perturbation with the official defaults (300 Adam steps, the
+    paper's lambdas, mask 28 x 28 blurred sigma 5, null image blurred sigma 10, jitter 4):
+    (input, p on the image, result, p with a region blurred)."""
     from xaicli.images import load_image
     from xaicli.ops import gaussian_blur
 
     x = default_model.preprocess(load_image(SAMPLES / "coffee.png"))[None]
-    ctx = make_context(default_model)
     with torch.no_grad():
         p0 = torch.softmax(default_model.model(x), 1)[0]
-    espresso = 967
-    assert int(p0.argmax()) == espresso
-    res = build_method("meaningful_perturbation", iterations=40).bind(ctx)(x, espresso)
+    assert int(p0.argmax()) == ESPRESSO
+    res = build_method("meaningful_perturbation").bind(make_context(default_model))(x, ESPRESSO)
 
     def blurred_p(region):
         with torch.no_grad():
             out = default_model.model(x * (1 - region) + gaussian_blur(x, 10.0) * region)
-        return float(torch.softmax(out, 1)[0, espresso])
+        return float(torch.softmax(out, 1)[0, ESPRESSO])
 
+    return x, float(p0[ESPRESSO]), res, blurred_p
+
+
+@pytest.mark.slow
+def test_meaningful_perturbation_on_coffee_deletes_the_espresso(coffee_mp):
+    """Blurring the deleted region at least halves the espresso probability (0.95).
+
+    Measured (CPU, official defaults): the region where the deletion mask 1 - m > 0.5 is 44 % of
+    the model input and its blur leaves p 0.013; the core (1 - m > 0.75) is 23 % and leaves p 0.05;
+    mp_prob (the soft mask's own perturbation) is 0.006. The region is checked against 50 %, the core
+    against the issue's 40 % (see the xfail test below for the region itself)."""
+    x, p0, res, blurred_p = coffee_mp
     region = (res.maps > 0.5).float()[:, None]
     area, p1 = float(region.mean()), blurred_p(region)
-    assert area < 0.6, area
-    assert p1 <= 0.5 * float(p0[espresso]), (float(p0[espresso]), p1, area)
-    assert float(res.extras["mp_prob"][0]) < 0.5 * float(p0[espresso])
+    assert area < 0.5 and p1 <= 0.5 * p0, (p0, p1, area)
+    assert float(res.extras["mp_prob"][0]) < 0.5 * p0
     core = (res.maps > 0.75).float()[:, None]
-    assert float(core.mean()) < 0.4 and blurred_p(core) <= 0.5 * float(p0[espresso])
+    assert float(core.mean()) < 0.4 and blurred_p(core) <= 0.5 * p0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #11's claim does not hold with the official defaults on this model: the region 1 - m > 0.5 "
+    "is 44-45 % of the model input (docs/methods.md)",
+)
+def test_issue11_meaningful_perturbation_region_is_under_40_percent(coffee_mp):
+    """The issue's test as written: blurring the deleted region (1 - m > 0.5) halves the espresso
+    probability while the region is under 40 % of the image (the model input). Strict: it fails
+    the suite the day it passes, so the docs get updated."""
+    x, p0, res, blurred_p = coffee_mp
+    region = (res.maps > 0.5).float()[:, None]
+    assert float(region.mean()) < 0.4 and blurred_p(region) <= 0.5 * p0
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,11 +513,12 @@ def test_extremal_perturbation_on_coffee_keeps_the_espresso(default_model):
 
     The reference schedule compressed two-fold to stay affordable: 400 steps, lr 0.02, lambda
     multiplied by 1.0035^2 per step (the same lambda path over the run). Measured (CPU): p 0.43 at
-    area 0.217 with these settings, 0.52 at 0.212 with the defaults (800 steps); before the area was
-    counted beyond the image, the defaults gave p 0.007 (blobs at the borders). The 0.2 threshold
-    leaves a factor two below the measurement and is 30 x the broken value. Area 0.1 is too small
-    for this image: the disk keeps p 0.02 and the mask 0.001 (TorchRay's area 0.1, which counts its
-    margin, keeps 15 % of the image and p 0.008)."""
+    area 0.217, 82 % of the mask's mass on the cup, with these settings; p 0.31 at area 0.215 (79 %
+    on the cup) with the defaults (800 steps); before the area was counted beyond the image, the
+    defaults gave p 0.007 with 8 % on the cup (blobs at the borders). The 0.2 threshold is 30 x the
+    broken value, a factor 1.5-2 below the measurements. Area 0.1 is too small for this image: the
+    disk keeps p 0.02 and the mask 0.008 (TorchRay's area 0.1, which counts its margin, keeps 15 %
+    of the image and p 0.008)."""
     from xaicli.images import load_image
 
     x = default_model.preprocess(load_image(SAMPLES / "coffee.png"))[None]
@@ -516,9 +537,9 @@ def test_extremal_perturbation_on_coffee_keeps_the_espresso(default_model):
 def test_extremal_perturbation_keeps_the_known_square():
     """The paper's defaults (800 iterations, step 7, sigma 21, blur 20, at 224 px and scaled to
     64 px) except jitter: the horizontal flip assumes a flip-invariant classifier, which SquareNet
-    (it reads one place) is not. Measured: the area-0.03 mask (half the square's area) has 93 % of
+    (it reads one place) is not. Measured: the area-0.03 mask (half the square's area) has 91 % of
     its mass inside the square; the area-0.1 mask (larger than the square) covers all of it. Masks
-    of the square's own area leak over its edges (76 % inside: a smooth mask cannot be a square;
+    of the square's own area leak over its edges (75 % inside: a smooth mask cannot be a square;
     docs/methods.md)."""
     x = square_images(1)
     res = run(

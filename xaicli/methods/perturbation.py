@@ -12,7 +12,8 @@ input, or a learned mask).
   softmax_c(jittered blend). The map is the deletion mask 1 - m (high = evidence).
 - `extremal_perturbation` (Fong, Patrick & Vedaldi 2019): for each area a, the smooth mask of
   area a (1 = keep) whose preserved image (the rest blurred) scores highest; the area is held by a
-  rank penalty on the sorted mask instead of lambda-weighted L1/TV. One map per area.
+  rank penalty on the sorted mask (over the image and a margin, so no place is cheaper) instead of
+  lambda-weighted L1/TV. One map per area.
 
 Inner loops (patch positions, masks, images optimised together) go through the run's chunker.
 Every substrate (fill, null image) comes from `ops.reference`; randomness from a CPU generator

@@ -42,18 +42,24 @@ SEEDED = {  # perturbation/Shapley methods with their seeded randomness, small s
     "gradientshap": {"n_samples": 4},
     "occlusion": {"window": 4, "stride": 2},
     "meaningful_perturbation": {"iterations": 5},
+    "extremal_perturbation": {"iterations": 5, "areas": [0.1, 0.3]},  # no random draw: no seed field
 }
 
 
 @pytest.mark.parametrize("method", [m for m in SEEDED if m in METHODS])
 def test_seeded_methods_give_the_same_map_on_cuda(method):
     """Same seed, same map on CPU and CUDA: masks, coalitions, samples and jitter are drawn on the CPU."""
+    from dataclasses import fields
+
     from conftest import TinyCNN
 
     model = TinyCNN(width=8).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    cpu = explain(model, x, method, target=1, seed=3, **SEEDED[method])
-    gpu = explain(model.cuda(), x.cuda(), method, target=1, seed=3, **SEEDED[method])
+    params = dict(SEEDED[method])
+    if "seed" in {f.name for f in fields(METHODS[method])}:
+        params["seed"] = 3
+    cpu = explain(model, x, method, target=1, **params)
+    gpu = explain(model.cuda(), x.cuda(), method, target=1, **params)
     assert gpu.device.type == "cuda"
     c, g = cpu.flatten(1), gpu.cpu().flatten(1)
     scale = c.abs().amax(1, keepdim=True).clamp_min(1e-12)

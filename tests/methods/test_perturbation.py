@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -316,41 +317,61 @@ def test_meaningful_perturbation_mask_resizes_to_small_inputs_and_reports_extras
     assert ((res.extras["mp_prob"] >= 0) & (res.extras["mp_prob"] <= 1)).all()
 
 
-@pytest.mark.slow
-def test_meaningful_perturbation_on_coffee_deletes_the_espresso(default_model):
-    """Blurring the deleted region (deletion mask > 0.5) at least halves the espresso probability.
+ESPRESSO = 967
 
-    40 iterations (not 300) keep it CPU-feasible. Measured (CPU, official lambdas, image jittered
-    under the mask): the region is 54 % of the model input after 40 iterations (p 0.95 -> 0.003),
-    47 % after 100 (p 0.015), 44 % after the official 300 (p 0.014). The issue's "under 40 % of the
-    image" does NOT hold on the model input at any of these; coffee.png's 224-px input is its
-    central 350 x 350 px, 51 % of the 600 x 400 photo, so the same regions are 27 %, 24 % and 22 %
-    of the photo. The core (deletion > 0.75) is 23-25 % of the input and its blur leaves p <= 0.09.
-    With the Caffe script's start (`init: circle`) the region is 94 % after 300 iterations.
-    """
+
+@pytest.fixture(scope="module")
+def coffee_mp(default_model):
+    """coffee.png through meaningful perturbation with the official defaults (300 Adam steps, the
+    paper's lambdas, mask 28 x 28 blurred sigma 5, null image blurred sigma 10, jitter 4):
+    (input, p on the image, result, p with a region blurred)."""
     from xaicli.images import load_image
     from xaicli.ops import gaussian_blur
 
     x = default_model.preprocess(load_image(SAMPLES / "coffee.png"))[None]
-    ctx = make_context(default_model)
     with torch.no_grad():
         p0 = torch.softmax(default_model.model(x), 1)[0]
-    espresso = 967
-    assert int(p0.argmax()) == espresso
-    res = build_method("meaningful_perturbation", iterations=40).bind(ctx)(x, espresso)
+    assert int(p0.argmax()) == ESPRESSO
+    res = build_method("meaningful_perturbation").bind(make_context(default_model))(x, ESPRESSO)
 
     def blurred_p(region):
         with torch.no_grad():
             out = default_model.model(x * (1 - region) + gaussian_blur(x, 10.0) * region)
-        return float(torch.softmax(out, 1)[0, espresso])
+        return float(torch.softmax(out, 1)[0, ESPRESSO])
 
+    return x, float(p0[ESPRESSO]), res, blurred_p
+
+
+@pytest.mark.slow
+def test_meaningful_perturbation_on_coffee_deletes_the_espresso(coffee_mp):
+    """Blurring the deleted region at least halves the espresso probability (0.95).
+
+    Measured (CPU, official defaults): the region where the deletion mask 1 - m > 0.5 is 44 % of
+    the model input and its blur leaves p 0.013; the core (1 - m > 0.75) is 23 % and leaves p 0.05;
+    mp_prob (the soft mask's own perturbation) is 0.006. The region is checked against 50 %, the core
+    against the issue's 40 % (see the xfail test below for the region itself)."""
+    x, p0, res, blurred_p = coffee_mp
     region = (res.maps > 0.5).float()[:, None]
     area, p1 = float(region.mean()), blurred_p(region)
-    assert area < 0.6, area
-    assert p1 <= 0.5 * float(p0[espresso]), (float(p0[espresso]), p1, area)
-    assert float(res.extras["mp_prob"][0]) < 0.5 * float(p0[espresso])
+    assert area < 0.5 and p1 <= 0.5 * p0, (p0, p1, area)
+    assert float(res.extras["mp_prob"][0]) < 0.5 * p0
     core = (res.maps > 0.75).float()[:, None]
-    assert float(core.mean()) < 0.4 and blurred_p(core) <= 0.5 * float(p0[espresso])
+    assert float(core.mean()) < 0.4 and blurred_p(core) <= 0.5 * p0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #11's claim does not hold with the official defaults on this model: the region 1 - m > 0.5 "
+    "is 44-45 % of the model input (docs/methods.md)",
+)
+def test_issue11_meaningful_perturbation_region_is_under_40_percent(coffee_mp):
+    """The issue's test as written: blurring the deleted region (1 - m > 0.5) halves the espresso
+    probability while the region is under 40 % of the image (the model input). Strict: it fails
+    the suite the day it passes, so the docs get updated."""
+    x, p0, res, blurred_p = coffee_mp
+    region = (res.maps > 0.5).float()[:, None]
+    assert float(region.mean()) < 0.4 and blurred_p(region) <= 0.5 * p0
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,13 +456,91 @@ def test_extremal_maps_and_columns_follow_the_areas():
     assert torch.allclose(p, res.extras["ep_prob_0.3"], atol=1e-5)
 
 
+def test_extremal_mask_and_blur_match_torchray():
+    """TorchRay (the authors' reference) as the oracle for the smooth mask and the blur
+    interpolation. It centres parameter v at pixel step * v, this module at step * v + (step - 1) / 2,
+    so our pixel u + 3 is its pixel u (step 7); compared away from the borders, where its margin
+    and our crop differ."""
+    ep = pytest.importorskip("torchray.attribution.extremal_perturbation")
+    from xaicli.methods.perturbation import apply_pyramid, smooth_kernel, smooth_mask
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.rand(2, 1, 32, 32, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchRay calls torch.meshgrid without indexing=
+        theirs, _ = ep.MaskGenerator((224, 224), 7, 21).generate(p)
+    ours = smooth_mask(p, smooth_kernel(224, 224, 7, 21.0, 4, "cpu"), 7, 4, 20.0, (224, 224))
+    assert torch.allclose(ours[..., 33:200, 33:200], theirs[..., 30:197, 30:197], atol=1e-4)
+    x = torch.randn(1, 3, 32, 32, generator=g)
+    pert = ep.Perturbation(x, num_levels=8, max_blur=3.0)
+    m = torch.rand(3, 1, 32, 32, generator=g)
+    pyr = pert.pyramid[None].expand(3, -1, -1, -1, -1)  # its pyramid (zero-padded blurs), our interpolation
+    assert torch.allclose(apply_pyramid(pyr, m), pert.apply(m), atol=1e-5)
+
+
+class Flat(nn.Module):
+    """Two constant logits: no place in the image matters."""
+
+    def forward(self, x):
+        z = 0 * x.mean(dim=(1, 2, 3))
+        return torch.stack([z, z], dim=1)
+
+
+@pytest.mark.slow
+def test_extremal_area_counts_the_mask_beyond_the_image():
+    """With no reward, only the area penalty moves the mask, and no place should be cheaper than
+    another. Counted on the image alone (the defect behind the coffee.png failure), a blob at a
+    corner costs a quarter of one inside, so the masks drift to the corners and borders: measured
+    on this case before the fix, the corners stayed at 0.87 (centre 0.04) and 72 % of the mask's
+    mass lay in the 6-px border ring (34 % of the image) (this test failed: corners 0.75); after
+    it, 0.08 (centre 0.11) and 33 %."""
+    x = torch.randn(1, 3, N, N, generator=torch.Generator().manual_seed(0))
+    res = run(
+        "extremal_perturbation", Flat(), x, torch.zeros(1, dtype=torch.long), areas=[0.1], iterations=300, jitter=False
+    )
+    m = res.maps[0, 0]
+    b = 6  # sigma at 64 px
+    ring = torch.ones(N, N, dtype=torch.bool)
+    ring[b:-b, b:-b] = False
+    corners = torch.stack([m[:8, :8], m[:8, -8:], m[-8:, :8], m[-8:, -8:]]).mean()
+    assert float(corners) < 0.4, float(corners)
+    assert float(m[ring].sum() / m.sum()) < 0.5
+
+
+@pytest.mark.slow
+def test_extremal_perturbation_on_coffee_keeps_the_espresso(default_model):
+    """The area-0.2 mask preserves the espresso (p 0.95 on the image), as a plain centred disk of
+    the same area does (p 0.64 with the same blur perturbation).
+
+    The reference schedule compressed two-fold to stay affordable: 400 steps, lr 0.02, lambda
+    multiplied by 1.0035^2 per step (the same lambda path over the run). Measured (CPU): p 0.43 at
+    area 0.217, 82 % of the mask's mass on the cup, with these settings; p 0.31 at area 0.215 (79 %
+    on the cup) with the defaults (800 steps); before the area was counted beyond the image, the
+    defaults gave p 0.007 with 8 % on the cup (blobs at the borders), and these settings p 0.014
+    (this test failed). The 0.2 threshold is a factor 1.5-2 below the measurements. Area 0.1 is too small for this image: the
+    disk keeps p 0.02 and the mask 0.008 (TorchRay's area 0.1, which counts its margin, keeps 15 %
+    of the image and p 0.008)."""
+    from xaicli.images import load_image
+
+    x = default_model.preprocess(load_image(SAMPLES / "coffee.png"))[None]
+    espresso = 967
+    ctx = make_context(default_model)
+    params = {"areas": [0.2], "iterations": 400, "lr": 0.02, "regul_growth": 1.0035**2}
+    res = build_method("extremal_perturbation", **params).bind(ctx)(x, espresso)
+    assert abs(float(res.extras["ep_area_0.2"]) - 0.2) < 0.04
+    assert float(res.extras["ep_prob_0.2"]) > 0.2, res.extras
+    m = res.maps[0, 0]
+    cup = m[20:140, 40:200].sum() / m.sum()  # the cup (rows 20-140, cols 40-200 of the 224-px input)
+    assert float(cup) > 0.5, float(cup)
+
+
 @pytest.mark.slow
 def test_extremal_perturbation_keeps_the_known_square():
     """The paper's defaults (800 iterations, step 7, sigma 21, blur 20, at 224 px and scaled to
     64 px) except jitter: the horizontal flip assumes a flip-invariant classifier, which SquareNet
-    (it reads one place) is not. Measured: the area-0.03 mask (half the square's area) has 93 % of
+    (it reads one place) is not. Measured: the area-0.03 mask (half the square's area) has 91 % of
     its mass inside the square; the area-0.1 mask (larger than the square) covers all of it. Masks
-    of the square's own area leak over its edges (76 % inside: a smooth mask cannot be a square;
+    of the square's own area leak over its edges (75 % inside: a smooth mask cannot be a square;
     docs/methods.md)."""
     x = square_images(1)
     res = run(

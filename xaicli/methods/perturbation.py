@@ -12,7 +12,8 @@ input, or a learned mask).
   softmax_c(jittered blend). The map is the deletion mask 1 - m (high = evidence).
 - `extremal_perturbation` (Fong, Patrick & Vedaldi 2019): for each area a, the smooth mask of
   area a (1 = keep) whose preserved image (the rest blurred) scores highest; the area is held by a
-  rank penalty on the sorted mask instead of lambda-weighted L1/TV. One map per area.
+  rank penalty on the sorted mask (over the image and a margin, so no place is cheaper) instead of
+  lambda-weighted L1/TV. One map per area.
 
 Inner loops (patch positions, masks, images optimised together) go through the run's chunker.
 Every substrate (fill, null image) comes from `ops.reference`; randomness from a CPU generator
@@ -420,12 +421,25 @@ class BoundExtremal(BoundMethod):
         k = len(s.areas)
         step, sigma, max_blur, radius = self.geometry(h, w)
         gh, gw = math.ceil(h / step), math.ceil(w / step)
-        kernel = smooth_kernel(gh * step, gw * step, step, sigma, radius, x.device)
-        n_px = h * w
-        # the sorted mask's target: (1 - a) of the pixels at 0, the rest at 1 (per area)
+        # The mask is evaluated, and its area counted, over the image plus a margin of `pad` cells
+        # (>= sigma px) on each side, as the reference does: a blob's tail outside the image costs
+        # area too. Counted on the image alone, a blob at a border or corner costs a half or a
+        # quarter of one inside, and the masks drift there (on coffee.png: blobs at the borders,
+        # p 0.007 at area 0.2). The parameters stay on the image's grid (zero in the margin).
+        pad = radius
+        ph, pw, off = (gh + 2 * pad) * step, (gw + 2 * pad) * step, pad * step
+        kernel = smooth_kernel(ph, pw, step, sigma, radius, x.device)
+        n_px = ph * pw
+        # the sorted mask's target: a * h * w ones (a of the image's area; the reference's
+        # a * ph * pw keeps ~1.4 a of a 224-px image), zeros elsewhere (per area)
         ref = torch.ones((k, n_px), device=x.device)
         for i, a in enumerate(s.areas):
-            ref[i, : int(n_px * (1 - a))] = 0
+            ref[i, : n_px - int(round(a * h * w))] = 0
+
+        def mask_of(param: Tensor) -> tuple[Tensor, Tensor]:  # (over image + margin, on the image)
+            full = smooth_mask(F.pad(param, (pad,) * 4), kernel, step, radius, s.coldness, (ph, pw))
+            return full, full[:, :, off : off + h, off : off + w]
+
         masks = torch.empty((b_sz, k, h, w), dtype=torch.float32, device=x.device)
         prob = torch.empty((b_sz, k), dtype=torch.float32, device=x.device)
 
@@ -439,12 +453,12 @@ class BoundExtremal(BoundMethod):
             weight = s.regul_weight
             with torch.enable_grad():
                 for t in range(s.iterations):
-                    m = smooth_mask(param, kernel, step, radius, s.coldness, (h, w))
+                    full, m = mask_of(param)
                     xp = apply_pyramid(pyr, m).to(x.dtype)
                     if s.jitter and t % 2 == 0:
                         xp = torch.flip(xp, dims=(3,))
                     reward = self.objective(self.model(xp), tb).float()
-                    regul = ((m.flatten(1).sort(dim=1).values - r) ** 2).mean(dim=1)
+                    regul = ((full.flatten(1).sort(dim=1).values - r) ** 2).mean(dim=1)
                     opt.zero_grad(set_to_none=True)
                     (weight * regul - reward).sum().backward()  # each mask its own term: per-element steps
                     opt.step()
@@ -452,7 +466,7 @@ class BoundExtremal(BoundMethod):
                         param.clamp_(0, 1)
                     weight *= s.regul_growth
             with torch.no_grad():
-                m = smooth_mask(param, kernel, step, radius, s.coldness, (h, w)).clamp(0, 1)
+                m = mask_of(param)[1].clamp(0, 1)
                 out = self.model(apply_pyramid(pyr, m).to(x.dtype))
                 masks[idx] = m.view(n, k, h, w).float()
                 prob[idx] = torch.softmax(out.float(), dim=1).gather(1, tb[:, None])[:, 0].view(n, k)

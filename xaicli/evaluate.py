@@ -25,7 +25,7 @@ from .data import ImageDataset, ImageItem, discover, make_loader
 from .engine import BatchResult, Engine, MethodOutput
 from .errors import ConfigError, InputError
 from .locks import OutputLock
-from .methods.base import eval_mode, make_context
+from .methods.base import eval_mode, make_context, prepare_context
 from .metrics import METRICS, build_metrics, load_annotations
 from .models.registry import load_model_cfg, resolve_device
 from .ops import Chunker
@@ -239,6 +239,8 @@ def _evaluate_locked(
     chunker = chunker or Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=run_cfg.model.layer)
     ctx.probability = "sigmoid" if run_cfg.score == "sigmoid" else "softmax"
+    if run_cfg.fold_bn:  # the metrics' forwards on the prepared copy (sanity randomises the loaded model)
+        ctx = prepare_context(ctx)[0]
     methods = {}
     if any("method" in m.needs for m in metric_objs):  # sanity recomputes maps: bind at the run's layers
         layers = folder.resolved.get("layers") or {}

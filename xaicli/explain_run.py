@@ -27,7 +27,7 @@ from .engine import (
     to_memory_format,
 )
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
-from .methods.base import eval_mode, make_context
+from .methods.base import bind_methods, eval_mode, make_context
 from .metrics import build_metrics, load_annotations
 from .models import LoadedModel
 from .models.registry import load_model_cfg, resolve_device
@@ -253,12 +253,17 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     chunker = Chunker(on_event=log.event)
     ctx = make_context(lm, chunker=chunker, layer=cfg.model.layer)
     ctx.probability = "sigmoid" if cfg.score == "sigmoid" else "softmax"
-    methods = {key: spec.bind(ctx) for key, spec in cfg.specs()}  # bound once per model
+    bound = bind_methods(cfg.specs(), ctx, cfg.fold_bn)  # once per model: on the prepared (BatchNorm-folded) copy
+    methods, ctx = bound.methods, bound.ctx
+    if cfg.channels_last and ctx.model is not lm.model:
+        ctx.model.to(memory_format=torch.channels_last)
+    log.event("fold_bn", **bound.fold_bn)
     work, targets, missing = resolve_targets(cfg, disc, lm, [items[i] for i in todo])
     trash = apply_plan(out, items, plan, todo, list(methods))
     redrawn = _redraw(cfg, plan, out, lm, methods, log)
     backfilled = {} if opts.force else _backfill_metrics(cfg, plan, out, lm, chunker, log, progress)
     resolved = _resolved(cfg, opts, disc, items, device, lm, methods)
+    resolved["fold_bn"] = bound.fold_bn  # whether the methods ran on the folded copy, and what was folded
     write_run_yaml(out, dump_config(cfg), {"config_hash": chash, "hashes": config_parts(cfg), "resolved": resolved})
     if trash is not None:  # the new run.yaml is on disk: the old config's outputs can go
         shutil.rmtree(trash, ignore_errors=True)

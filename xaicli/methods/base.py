@@ -222,7 +222,7 @@ def prepare_context(ctx: Context, keep: set[str] = frozenset(), warn=_warn):
 
     rep = fold_batchnorm(ctx.model, ctx.input_size, set(keep))
     if not rep.applied:
-        if rep.max_diff is not None or (rep.note or "").startswith("the probe"):
+        if rep.failed:
             warn(f"fold_bn: {rep.note}")
         return ctx, rep
     adapter = ModelAdapter(rep.model, ctx.input_size)

@@ -60,6 +60,7 @@ class FoldReport:
     kept: list[str] = field(default_factory=list)  # convs left unfolded because a method hooks them
     max_diff: float | None = None  # max |logit difference| on the probe batch
     note: str | None = None  # why the model is used unprepared
+    failed: bool = False  # it had BatchNorms to fold, but the copy failed or did not pass the check
 
     def summary(self) -> dict:
         """For run.yaml's `resolved.fold_bn`."""
@@ -139,11 +140,10 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def _format_of(w: Tensor) -> torch.memory_format:
-    return (
-        torch.channels_last
-        if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
+    """The weight's memory format (a 1x1 kernel is both: then the standard one)."""
+    if w.is_contiguous() or w.dim() != 4:
+        return torch.contiguous_format
+    return torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def _logits(out) -> Tensor | None:
@@ -175,42 +175,52 @@ def _strict_math():
 
 
 def fold_batchnorm(model: nn.Module, input_size: tuple[int, int], keep: set[str] | None = None) -> FoldReport:
-    """The prepared copy of `model` (see the module docstring); `model` is not modified."""
+    """The prepared copy of `model` (see the module docstring); `model` is not modified. Never
+    raises for an odd model: anything unexpected means the model as loaded, with a note."""
     keep = set(keep or ())
     if not any(_foldable_norm(m) for m in model.modules()):
         return FoldReport(model, note="no BatchNorm2d to fold")
     was = model.training
     try:
-        model.eval()
-        probe = probe_batch(model, input_size)
-        net = copy.deepcopy(model).eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        try:
-            pairs, kept = _pairs(net, probe[:1], keep)
-        except Exception as e:  # a model the probe cannot run: the methods' own forward will say
-            return FoldReport(model, note=f"the probe forward failed ({type(e).__name__})")
-        if not pairs:
-            return FoldReport(model, kept=kept, note="no conv -> BatchNorm pair to fold")
-        for conv_name, bn_name in pairs:
-            bn = net.get_submodule(bn_name)
-            _fold_into(net.get_submodule(conv_name), bn)
-            parent, _, child = bn_name.rpartition(".")
-            folded = FoldedNorm(getattr(bn, "drop", None), getattr(bn, "act", None))
-            setattr(net.get_submodule(parent) if parent else net, child, folded)
-        with torch.no_grad(), _strict_math():
-            ref, got = _logits(model(probe)), _logits(net(probe))
-        if ref is None or got is None or ref.shape != got.shape:
-            return FoldReport(model, note="the model's output is not a logits tensor: not checked, not folded")
-        diff = float((got.double() - ref.double()).abs().max())
-        scale = max(1.0, float(ref.double().abs().max()))
-        if not diff <= RTOL * scale:  # NaN too
-            return FoldReport(
-                model,
-                max_diff=diff,
-                note=f"folding changed the logits by up to {diff:.3g} (allowed {RTOL * scale:.3g}): a conv output "
-                "is used elsewhere or the graph is unusual; running the model unprepared",
-            )
-        return FoldReport(net, applied=True, folded=pairs, kept=sorted(set(kept)), max_diff=diff)
+        return _fold(model, input_size, keep)
+    except Exception as e:  # a model deepcopy or hooks cannot handle (TorchScript, ...)
+        return FoldReport(
+            model, failed=True, note=f"the model could not be prepared ({type(e).__name__}: {str(e)[:120]})"
+        )
     finally:
         model.train(was)
+
+
+def _fold(model: nn.Module, input_size: tuple[int, int], keep: set[str]) -> FoldReport:
+    model.eval()
+    probe = probe_batch(model, input_size)
+    net = copy.deepcopy(model).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        pairs, kept = _pairs(net, probe[:1], keep)
+    except Exception as e:  # a model the probe cannot run: the methods' own forward will say
+        return FoldReport(model, failed=True, note=f"the probe forward failed ({type(e).__name__})")
+    if not pairs:
+        return FoldReport(model, kept=kept, note="no conv -> BatchNorm pair to fold")
+    for conv_name, bn_name in pairs:
+        bn = net.get_submodule(bn_name)
+        _fold_into(net.get_submodule(conv_name), bn)
+        parent, _, child = bn_name.rpartition(".")
+        folded = FoldedNorm(getattr(bn, "drop", None), getattr(bn, "act", None))
+        setattr(net.get_submodule(parent) if parent else net, child, folded)
+    with torch.no_grad(), _strict_math():
+        ref, got = _logits(model(probe)), _logits(net(probe))
+    if ref is None or got is None or ref.shape != got.shape:
+        return FoldReport(model, failed=True, note="the model's output is not a logits tensor: not checked, not folded")
+    diff = float((got.double() - ref.double()).abs().max())
+    scale = max(1.0, float(ref.double().abs().max()))
+    if not diff <= RTOL * scale:  # NaN too
+        return FoldReport(
+            model,
+            failed=True,
+            max_diff=diff,
+            note=f"folding changed the logits by up to {diff:.3g} (allowed {RTOL * scale:.3g}): a conv output "
+            "is used elsewhere or the graph is unusual; running the model unprepared",
+        )
+    return FoldReport(net, applied=True, folded=pairs, kept=sorted(set(kept)), max_diff=diff)

@@ -327,7 +327,12 @@ def path_points(name: str, m: dict) -> int:
 def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str]) -> dict:
     """The method and peer rows: {"rows": [...], "pairs": [...]}."""
     model = lm_or_model.model
-    ctx = make_context(lm_or_model)
+    from xaicli.config import RunConfig
+    from xaicli.ops import Chunker
+
+    # the chunker of a run: on CPU its inner-loop chunks are capped at the config's cpu_chunk
+    cap = RunConfig.model_fields["cpu_chunk"].default if torch.device(device).type == "cpu" else None
+    ctx = make_context(lm_or_model, chunker=Chunker(cap=cap))
     with torch.no_grad():
         target = model(x).argmax(1)
     b = x.shape[0]

@@ -243,19 +243,26 @@ def test_every_method_same_maps_on_the_prepared_model(name, small_setup):
     assert float((got - ref).abs().max()) <= 2e-2 * scale, name
 
 
-def test_fold_bn_false_and_run_yaml(tmp_path):
+def test_fold_bn_false_and_run_yaml(tmp_path, monkeypatch):
+    """A run records what was folded; fold_bn: false runs the loaded model (same maps). Also the
+    run's chunker on CPU: inner loops capped at cpu_chunk (16 by default; null: the methods' own)."""
+    from xaicli import explain_run
     from xaicli.config import build_config
     from xaicli.explain_run import run_explain
     from xaicli.outputs import read_run_yaml
 
+    caps, make = [], explain_run.Chunker
+    monkeypatch.setattr(explain_run, "Chunker", lambda **kw: caps.append(kw.get("cap")) or make(**kw))
     img = SAMPLES / "chelsea.png"
     res = {}
     for fold in (True, False):
         out = tmp_path / f"fold{fold}"
-        cfg = build_config(None, {"input": [str(img)], "methods": "gradcam", "output": str(out), "fold_bn": fold})
+        over = {"input": [str(img)], "methods": "gradcam", "output": str(out), "fold_bn": fold, "device": "cpu"}
+        cfg = build_config(None, over | ({} if fold else {"cpu_chunk": 4}))
         run_explain(cfg)
         res[fold] = read_run_yaml(out)["resolved"]["fold_bn"]
         res[f"map{fold}"] = torch.from_numpy(__import__("numpy").load(out / "gradcam" / "chelsea.npy"))
     assert res[True]["applied"] is True and res[True]["folded"] == 49
     assert res[False] == {"applied": False, "note": "fold_bn: false"}
+    assert caps == [16, 4]
     torch.testing.assert_close(res["mapTrue"], res["mapFalse"], rtol=1e-3, atol=1e-4 * float(res["mapFalse"].max()))

@@ -236,7 +236,7 @@ def _evaluate_locked(
 ):
     dev = resolve_device(device or run_cfg.device) if lm is None else next(lm.model.parameters()).device
     lm = lm or load_model_cfg(run_cfg.model, dev)
-    chunker = chunker or Chunker(on_event=log.event)
+    chunker = chunker or Chunker(on_event=log.event, cap=run_cfg.cpu_chunk if dev.type == "cpu" else None)
     ctx = make_context(lm, chunker=chunker, layer=run_cfg.model.layer)
     ctx.probability = "sigmoid" if run_cfg.score == "sigmoid" else "softmax"
     if run_cfg.fold_bn:  # the metrics' forwards on the prepared copy (sanity randomises the loaded model)

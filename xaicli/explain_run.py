@@ -250,7 +250,7 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     plan = make_plan(out, items, cfg, chash, opts.force)
     todo = plan.limited(opts.limit)
     device, lm = _load(cfg)
-    chunker = Chunker(on_event=log.event)
+    chunker = Chunker(on_event=log.event, cap=cfg.cpu_chunk if device.type == "cpu" else None)
     ctx = make_context(lm, chunker=chunker, layer=cfg.model.layer)
     ctx.probability = "sigmoid" if cfg.score == "sigmoid" else "softmax"
     bound = bind_methods(cfg.specs(), ctx, cfg.fold_bn)  # once per model: on the prepared (BatchNorm-folded) copy

@@ -96,7 +96,7 @@ class ExplainActor:
         if cfg.channels_last:
             self.lm.model.to(memory_format=torch.channels_last)
         self.log = _Rows()
-        self.chunker = Chunker(on_event=self.log.event)
+        self.chunker = Chunker(on_event=self.log.event, cap=cfg.cpu_chunk if self.device.type == "cpu" else None)
         ctx = make_context(self.lm, chunker=self.chunker, layer=cfg.model.layer)
         self.methods = bind_methods(cfg.specs(), ctx, cfg.fold_bn).methods  # as explain_run binds them
         if cfg.channels_last:

@@ -253,11 +253,8 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     chunker = Chunker(on_event=log.event, cap=cfg.cpu_chunk if device.type == "cpu" else None)
     ctx = make_context(lm, chunker=chunker, layer=cfg.model.layer)
     ctx.probability = "sigmoid" if cfg.score == "sigmoid" else "softmax"
-    bound = bind_methods(cfg.specs(), ctx, cfg.fold_bn)  # once per model: on the prepared (BatchNorm-folded) copy
+    bound = _bind(cfg, ctx, lm, log)
     methods, ctx = bound.methods, bound.ctx
-    if cfg.channels_last and ctx.model is not lm.model:
-        ctx.model.to(memory_format=torch.channels_last)
-    log.event("fold_bn", **bound.fold_bn)
     work, targets, missing = resolve_targets(cfg, disc, lm, [items[i] for i in todo])
     trash = apply_plan(out, items, plan, todo, list(methods))
     redrawn = _redraw(cfg, plan, out, lm, methods, log)
@@ -305,6 +302,15 @@ def _load(cfg: RunConfig):
     if cfg.channels_last:
         lm.model.to(memory_format=torch.channels_last)
     return device, lm
+
+
+def _bind(cfg: RunConfig, ctx, lm, log):
+    """Every method bound once per model, on the prepared (BatchNorm-folded) copy (bind_methods)."""
+    bound = bind_methods(cfg.specs(), ctx, cfg.fold_bn)
+    if cfg.channels_last and bound.ctx.model is not lm.model:
+        bound.ctx.model.to(memory_format=torch.channels_last)
+    log.event("fold_bn", **bound.fold_bn)
+    return bound
 
 
 def _pictures(cfg: RunConfig, out: Path, methods: dict, rel: str) -> list[Path]:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from xaicli.images import load_image  # noqa: E402
 from xaicli.methods import build_method, make_context  # noqa: E402
-from xaicli.methods.base import eval_mode  # noqa: E402
+from xaicli.methods.base import bind_methods, eval_mode  # noqa: E402
 
 BEGIN, END = "<!-- bench:generated:start -->", "<!-- bench:generated:end -->"
 
@@ -426,7 +426,7 @@ def peer_fns(model, x, target, layer_name, m: dict, mean, std) -> dict:
         cam = GradCAM(model=model, target_layers=[layer])
         fns[("gradcam", "pytorch-grad-cam")] = lambda: cam(input_tensor=x, targets=tg)
         sc = ScoreCAM(model=model, target_layers=[layer])
-        sc.batch_size = 64  # ours: internal_batch 64
+        sc.batch_size = m.get("peer_chunk", 64)  # the chunk ours runs with (CPU: cpu_chunk 16, also its own default)
 
         fns[("scorecam", "pytorch-grad-cam")] = lambda: sc(input_tensor=x, targets=tg)
     except ImportError:
@@ -445,7 +445,7 @@ def peer_fns(model, x, target, layer_name, m: dict, mean, std) -> dict:
         fns[("saliency", "Captum")] = lambda: sal.attribute(x, target=target).abs().amax(1)
         ig = IntegratedGradients(model)
         fns[("integrated_gradients", "Captum")] = lambda: ig.attribute(
-            x, target=target, n_steps=m["ig"], internal_batch_size=64
+            x, target=target, n_steps=m["ig"], internal_batch_size=m.get("peer_chunk", 64)
         )
         nt = NoiseTunnel(Saliency(model))
         sigma = float(0.15 * (x.max() - x.min()))
@@ -508,7 +508,12 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str],
     """The method and peer rows: {"rows": [...], "pairs": [...]}."""
     global EST
     model = lm_or_model.model
-    ctx = make_context(lm_or_model)
+    from xaicli.config import RunConfig
+    from xaicli.ops import Chunker
+
+    # the chunker of a run: on CPU its inner-loop chunks are capped at the config's cpu_chunk
+    cap = RunConfig.model_fields["cpu_chunk"].default if torch.device(device).type == "cpu" else None
+    ctx = make_context(lm_or_model, chunker=Chunker(cap=cap))
     with torch.no_grad():
         target = model(x).argmax(1)
     b = x.shape[0]
@@ -528,16 +533,16 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str],
         rows.append({"name": name, "sec": sec, "ips": b / sec, "mem": mem, "pp": pp * b / sec if pp else 0.0})
         print(f"  {name}: {b / sec:.2f} images/s, {mem:.0f} MiB [{status()}; {EST.done(key)}]", flush=True)
 
-    def warm64():
+    def warm64(mdl=model):
         """The batch-64 forward that Score-CAM, RISE and occlusion (ours and the peers') run."""
         with torch.no_grad():
-            model(x[:1].expand(64, *x.shape[1:]).contiguous())
+            mdl(x[:1].expand(64, *x.shape[1:]).contiguous())
 
     def infer(xx=x):
         with torch.no_grad():
             return model(xx)
 
-    def fwd_bwd(xx=x):
+    def fwd_bwd(xx=x, model=model):
         xi = xx.detach().clone().requires_grad_(True)
         out = model(xi)
         (g,) = torch.autograd.grad(out.gather(1, target[: len(xi), None]).sum(), xi)
@@ -552,15 +557,22 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str],
         warm64()
         sec, mem = timeit(fwd_bwd, fwd_bwd, device, max(rep, 3))
         add("forward + backward to the input", sec, mem)
-        for key, (name, params) in our_specs(m).items():
-            if only and key not in only:
-                continue
-            bm = build_method(name, **params).bind(ctx)
+        # our rows run as `xai explain` runs them: bound on the prepared model (fold_bn, default on;
+        # the rows above and the peers use the model as loaded)
+        specs = [(k, build_method(n, **p)) for k, (n, p) in our_specs(m).items() if not only or k in only]
+        bound = bind_methods(specs, ctx)
+        print(f"  prepared model: {bound.fold_bn}", flush=True)
+        if bound.ctx.model is not model:
+            fb = lambda: fwd_bwd(model=bound.ctx.model)  # noqa: E731
+            sec, mem = timeit(fb, fb, device, max(rep, 3))
+            add("forward + backward to the input, BatchNorm folded", sec, mem)
+        for key, _spec in specs:
+            bm = bound.methods[key]
             warm = lambda bm=bm: bm(x, target)  # noqa: E731
             if key in COSTLY:  # the same code path, reduced: one image, fewer steps/masks/positions
-                _, wparams = our_specs(wm)[key]
-                wb = build_method(name, **wparams).bind(ctx) if name != "scorecam" else None
-                warm = (lambda wb=wb: wb(x[:1], target[:1])) if wb is not None else warm64
+                name, wparams = our_specs(wm)[key]
+                wb = build_method(name, **wparams).bind(bm.ctx) if name != "scorecam" else None
+                warm = (lambda wb=wb: wb(x[:1], target[:1])) if wb is not None else (lambda bm=bm: warm64(bm.ctx.model))
             sec, mem = timeit(lambda bm=bm: bm(x, target), warm, device, 1 if key in COSTLY else rep)
             label = key + {"integrated_gradients": f" ({m['ig']} steps)", "smoothgrad": f" ({m['sg']} samples)"}.get(
                 key, ""
@@ -582,7 +594,8 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str],
             dele = build_metric("deletion", step=m["deletion"])
             wdel = build_metric("deletion", step=wm["deletion"])
             steps = round(1 / m["deletion"])
-            sec, mem = timeit(lambda: dele(ctx, x, gm, target), lambda: wdel(ctx, x[:1], gm[:1], target[:1]), device, 1)
+            mc = bound.ctx  # the metrics' context of a run: the prepared model
+            sec, mem = timeit(lambda: dele(mc, x, gm, target), lambda: wdel(mc, x[:1], gm[:1], target[:1]), device, 1)
             add(f"deletion curve ({steps} steps, of the Grad-CAM maps)", sec, mem, key="deletion")
         if peers:
             layer = build_method("gradcam").bind(ctx).resolved()["layer"]
@@ -590,8 +603,9 @@ def bench_compute(lm_or_model, x, m: dict, device, peers: bool, only: list[str],
             peer_model = copy.deepcopy(model)
             # the costly peers warm up like ours: reduced settings on one image (Score-CAM: warm64)
             # (on their own copy of the model: the peers' hooks stay off the timed model)
-            warms = peer_fns(copy.deepcopy(model), x[:1], target[:1], layer, wm, mean, std)
-            for (ours, peer), fn in peer_fns(peer_model, x, target, layer, m, mean, std).items():
+            pc = {"peer_chunk": cap or 64}  # the peers chunk as ours does
+            warms = peer_fns(copy.deepcopy(model), x[:1], target[:1], layer, wm | pc, mean, std)
+            for (ours, peer), fn in peer_fns(peer_model, x, target, layer, m | pc, mean, std).items():
                 if only and ours not in only:
                     continue
                 warm = fn if ours not in COSTLY else warm64 if ours == "scorecam" else warms[(ours, peer)]

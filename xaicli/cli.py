@@ -195,6 +195,12 @@ def explain(
     channels_last: bool = typer.Option(
         False, "--channels-last", help="Model and batches in channels_last memory format (= `channels_last: true`)."
     ),
+    fold_bn: bool | None = typer.Option(
+        None,
+        "--fold-bn/--no-fold-bn",
+        help="Run the methods on a copy of the model with each eval BatchNorm folded into its conv "
+        "(default on; checked against the model's logits, else not used). = `fold_bn: true|false`.",
+    ),
     engine: str | None = typer.Option(
         None,
         "--engine",
@@ -236,6 +242,7 @@ def explain(
         "save_maps": save_maps,
         "amp": amp,
         "channels_last": True if channels_last else None,
+        "fold_bn": fold_bn,
         "engine": engine,
         "ray_address": ray_address,
     }

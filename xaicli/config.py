@@ -247,6 +247,10 @@ class RunConfig(_Strict):
     draft: bool = True  # JPEG: decode at a reduced DCT scale when the model input and overlay allow it
     amp: Literal["none", "bf16"] = "none"  # autocast the methods' forward/backward to bfloat16
     channels_last: bool = False  # model and batches in channels_last memory format
+    # on CPU, inner loops (IG path points, SmoothGrad samples, Score-CAM/RISE masks, ...) send at most
+    # this many items per forward/backward (smaller chunks run faster there: caches); null: the methods' own
+    cpu_chunk: int | None = Field(16, ge=1, le=4096, strict=True)
+    fold_bn: bool = True  # methods run on a copy with eval BatchNorm folded into the convs (checked; models/fold.py)
     writers: int = Field(4, ge=1, le=64, strict=True)  # threads that encode overlays and maps
     write_queue: int = Field(4, ge=1, le=1024, strict=True)  # batches in flight to the writers before the loop waits
     engine: Literal["local", "ray"] = "local"  # where batches run: this process, or Ray Data actors

@@ -25,7 +25,7 @@ from .data import ImageDataset, ImageItem, discover, make_loader
 from .engine import BatchResult, Engine, MethodOutput
 from .errors import ConfigError, InputError
 from .locks import OutputLock
-from .methods.base import eval_mode, make_context
+from .methods.base import eval_mode, make_context, prepare_context
 from .metrics import METRICS, build_metrics, load_annotations
 from .models.registry import load_model_cfg, resolve_device
 from .ops import Chunker
@@ -236,9 +236,11 @@ def _evaluate_locked(
 ):
     dev = resolve_device(device or run_cfg.device) if lm is None else next(lm.model.parameters()).device
     lm = lm or load_model_cfg(run_cfg.model, dev)
-    chunker = chunker or Chunker(on_event=log.event)
+    chunker = chunker or Chunker(on_event=log.event, cap=run_cfg.cpu_chunk if dev.type == "cpu" else None)
     ctx = make_context(lm, chunker=chunker, layer=run_cfg.model.layer)
     ctx.probability = "sigmoid" if run_cfg.score == "sigmoid" else "softmax"
+    if run_cfg.fold_bn:  # the metrics' forwards on the prepared copy (sanity randomises the loaded model)
+        ctx = prepare_context(ctx)[0]
     methods = {}
     if any("method" in m.needs for m in metric_objs):  # sanity recomputes maps: bind at the run's layers
         layers = folder.resolved.get("layers") or {}

@@ -27,7 +27,7 @@ from .engine import (
     to_memory_format,
 )
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ConfigError
-from .methods.base import eval_mode, make_context
+from .methods.base import bind_methods, eval_mode, make_context
 from .metrics import build_metrics, load_annotations
 from .models import LoadedModel
 from .models.registry import load_model_cfg, resolve_device
@@ -250,15 +250,17 @@ def _run_locked(cfg, opts, disc, items, out, chash, progress, t_start) -> RunSum
     plan = make_plan(out, items, cfg, chash, opts.force)
     todo = plan.limited(opts.limit)
     device, lm = _load(cfg)
-    chunker = Chunker(on_event=log.event)
+    chunker = Chunker(on_event=log.event, cap=cfg.cpu_chunk if device.type == "cpu" else None)
     ctx = make_context(lm, chunker=chunker, layer=cfg.model.layer)
     ctx.probability = "sigmoid" if cfg.score == "sigmoid" else "softmax"
-    methods = {key: spec.bind(ctx) for key, spec in cfg.specs()}  # bound once per model
+    bound = _bind(cfg, ctx, lm, log)
+    methods, ctx = bound.methods, bound.ctx
     work, targets, missing = resolve_targets(cfg, disc, lm, [items[i] for i in todo])
     trash = apply_plan(out, items, plan, todo, list(methods))
     redrawn = _redraw(cfg, plan, out, lm, methods, log)
     backfilled = {} if opts.force else _backfill_metrics(cfg, plan, out, lm, chunker, log, progress)
     resolved = _resolved(cfg, opts, disc, items, device, lm, methods)
+    resolved["fold_bn"] = bound.fold_bn  # whether the methods ran on the folded copy, and what was folded
     write_run_yaml(out, dump_config(cfg), {"config_hash": chash, "hashes": config_parts(cfg), "resolved": resolved})
     if trash is not None:  # the new run.yaml is on disk: the old config's outputs can go
         shutil.rmtree(trash, ignore_errors=True)
@@ -300,6 +302,15 @@ def _load(cfg: RunConfig):
     if cfg.channels_last:
         lm.model.to(memory_format=torch.channels_last)
     return device, lm
+
+
+def _bind(cfg: RunConfig, ctx, lm, log):
+    """Every method bound once per model, on the prepared (BatchNorm-folded) copy (bind_methods)."""
+    bound = bind_methods(cfg.specs(), ctx, cfg.fold_bn)
+    if cfg.channels_last and bound.ctx.model is not lm.model:
+        bound.ctx.model.to(memory_format=torch.channels_last)
+    log.event("fold_bn", **bound.fold_bn)
+    return bound
 
 
 def _pictures(cfg: RunConfig, out: Path, methods: dict, rel: str) -> list[Path]:

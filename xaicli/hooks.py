@@ -259,3 +259,32 @@ def describe_output(out) -> str | None:
     if isinstance(out, dict):
         return f"a dict with keys {list(out)[:8]}"
     return f"a {type(out).__name__}" + (" (it has .logits)" if hasattr(out, "logits") else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Who consumed which tensor (BatchNorm folding finds its conv -> BatchNorm pairs by execution)
+# --------------------------------------------------------------------------------------------
+def trace_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, tuple, object]]:
+    """(name, module, positional inputs, output) of every named submodule call of one forward
+    pass of `x` without autograd, in completion order (a module called twice appears twice).
+    Every tensor stays referenced by the list, so `is` between records means the same tensor
+    object (the output of one call handed to another). Hooks are removed before returning."""
+    records: list[tuple[str, nn.Module, tuple, object]] = []
+    handles = []
+
+    def make(name, mod):
+        def hook(_m, inp, out):
+            records.append((name, mod, tuple(inp), out))
+
+        return hook
+
+    try:
+        for name, mod in model.named_modules():
+            if name:
+                handles.append(mod.register_forward_hook(make(name, mod)))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return records

@@ -27,7 +27,7 @@ from .config import RunConfig
 from .data import discover
 from .errors import XaiError
 from .methods import build_method, make_context
-from .methods.base import MethodSpec, eval_mode
+from .methods.base import MethodSpec, eval_mode, prepare_context
 from .models.registry import load_model_cfg, resolve_device
 from .ops import Chunker
 from .state import config_hash, make_plan, parse_shard, shard_of
@@ -277,7 +277,9 @@ def preflight(
     rep.classes, rep.input_size = len(lm.class_names), tuple(lm.preprocess.input_size)
     ctx = make_context(lm, chunker=Chunker(), layer=cfg.model.layer)
     with eval_mode(lm.model):
-        rep.forward_s, rep.backward_s = time_forward_backward(lm.model, rep.input_size, device)
+        # timed on what the methods run on: the prepared copy (BatchNorm folded) unless fold_bn: false
+        timed = prepare_context(ctx, warn=rep.warnings.append)[0].model if cfg.fold_bn else lm.model
+        rep.forward_s, rep.backward_s = time_forward_backward(timed, rep.input_size, device)
         _check_methods(cfg, ctx, rep)
     _check_targets(cfg, disc, lm, [items[i] for i in todo], rep)
     _check_metrics(cfg, disc, rep)

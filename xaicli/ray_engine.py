@@ -79,7 +79,7 @@ class ExplainActor:
     def __init__(self, cfg, out: str, fields: list[str], style, threads: int):
         from PIL import Image
 
-        from .methods.base import make_context
+        from .methods.base import bind_methods, make_context
         from .models.registry import load_model_cfg, resolve_device
         from .ops import Chunker
 
@@ -96,9 +96,12 @@ class ExplainActor:
         if cfg.channels_last:
             self.lm.model.to(memory_format=torch.channels_last)
         self.log = _Rows()
-        self.chunker = Chunker(on_event=self.log.event)
+        self.chunker = Chunker(on_event=self.log.event, cap=cfg.cpu_chunk if self.device.type == "cpu" else None)
         ctx = make_context(self.lm, chunker=self.chunker, layer=cfg.model.layer)
-        self.methods = {key: spec.bind(ctx) for key, spec in cfg.specs()}
+        self.methods = bind_methods(cfg.specs(), ctx, cfg.fold_bn).methods  # as explain_run binds them
+        if cfg.channels_last:
+            for b in self.methods.values():
+                b.model.to(memory_format=torch.channels_last)
 
     def __call__(self, batch: dict) -> dict:
         from .sinks import MapSink

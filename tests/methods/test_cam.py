@@ -257,6 +257,55 @@ def test_scorecam_constant_channels_give_no_nan():
         assert torch.isfinite(m).all() and m.shape == (2, 16, 16)
 
 
+class _Repeat(nn.Module):
+    """[h, 2h, 4h] on the channels (copies=3): channels 4-11 repeat 0-3 up to a scale, so their
+    min-max scaled maps are the same floats; copies=1: [h]."""
+
+    def __init__(self, copies: int):
+        super().__init__()
+        self.copies = copies
+
+    def forward(self, h):
+        return torch.cat([h * 2.0**i for i in range(self.copies)], 1)
+
+
+class DupChannels(nn.Module):
+    def __init__(self, copies: int = 3):
+        super().__init__()
+        base = TinyCNN(width=4).eval()
+        self.features, self.dup, self.fc = base.features, _Repeat(copies), nn.Linear(4 * copies, 5)
+        torch.nn.init.normal_(self.fc.weight, std=0.5, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, x):
+        return self.fc(self.dup(self.features(x)).mean((2, 3)))
+
+
+def _scorecam_rows(net, x, t):
+    rows = []
+    handle = net.register_forward_pre_hook(lambda _m, inp: rows.append(inp[0].shape[0]))
+    try:
+        return explain(net, x, "scorecam", target=t, layer="dup", internal_batch=5), sum(rows)
+    finally:
+        handle.remove()
+
+
+def test_scorecam_one_forward_per_distinct_mask():
+    """Issue #13: channels equal after min-max scaling mask the image identically; each distinct
+    (image, mask) costs one forward, and the map is still the per-channel loop's."""
+    net = DupChannels(3).eval()
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([1, 3])
+    got, rows = _scorecam_rows(net, x, t)
+    _, rows_single = _scorecam_rows(DupChannels(1).eval(), x, t)  # the same 4 distinct channels, once each
+    with torch.no_grad():
+        h = net.features(x).flatten(2)
+    assert int(((h.amax(2) - h.amin(2)) > 0).sum()) >= 4  # enough masks for the count to mean something
+    assert rows == rows_single  # not 3x the masked forwards
+    ref = scorecam_reference(net, x, t, lambda z: net.dup(net.features(z)))
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
 # --- Counterfactual Grad-CAM on a two-object image ------------------------------------------------
 def test_counterfactual_peak_lies_off_the_object(default_model, sample_batch):
     """chelsea (cat) left | coffee (espresso) right. Measured with the default model: plain

@@ -71,6 +71,9 @@ class Context:
     chunker: Chunker = field(default_factory=Chunker)
     layer: str | None = None  # the config's `model.layer`: CAM methods without their own `layer`
     probability: str = "softmax"  # softmax | sigmoid (`score: sigmoid`): the metrics' class probability
+    # the model as loaded when `model` is the run's prepared copy (BatchNorm folded into the convs,
+    # models/fold.py); the sanity metric randomises this one, as the user's model has BatchNorms
+    unprepared: nn.Module | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -165,6 +168,9 @@ class MethodSpec:
     # how its overlay is scaled (ops.MAP_KINDS): "positive" (min-max, CAM-like), "magnitude"
     # (gradient magnitudes: percentile-clipped), "signed" (diverging colormap centred at zero)
     map_kind: ClassVar[str] = "positive"
+    # may run on the run's prepared copy of the model (eval BatchNorm folded into the convs,
+    # bind_methods); False: on the model as loaded (LRP canonizes a copy of its own)
+    prepared_model: ClassVar[bool] = True
     # parameters the contract tests (tests/test_contracts.py) use instead of the defaults, for
     # methods whose paper defaults (thousands of forwards) are too slow to run there many times
     contract_params: ClassVar[dict[str, object]] = {}
@@ -180,6 +186,78 @@ class MethodSpec:
     def file_params(cls, params: dict) -> dict[str, str]:
         """{key: value} of the parameters in `params` that name files (config rebasing, hash)."""
         return {k: v for k, v in params.items() if k in cls.path_params and looks_like_path(v)}
+
+
+def hooked_layers(spec: MethodSpec, ctx: Context) -> set[str]:
+    """Layers `spec` may hook when bound to `ctx`: its `*layer*` parameters, else the config's
+    `model.layer` and the adapter's default layer (CAM family)."""
+    names = {v for f in dataclasses.fields(spec) if "layer" in f.name and isinstance(v := getattr(spec, f.name), str)}
+    if not names and (spec.needs_layer or any(f.name == "layer" for f in dataclasses.fields(spec))):
+        names.add(ctx.layer or ctx.adapter.default_layer())
+    return names
+
+
+@dataclass
+class Bound:
+    """What bind_methods made: the bound methods, the context the metrics use (the prepared model,
+    with the loaded one as `unprepared`) and, for run.yaml, what the preparation did."""
+
+    methods: dict[str, BoundMethod]
+    ctx: Context
+    fold_bn: dict
+
+
+def _warn(line: str) -> None:
+    import sys
+
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def prepare_context(ctx: Context, keep: set[str] = frozenset(), warn=_warn):
+    """(the context on the prepared model, models.fold.FoldReport): a copy of ctx.model with each
+    eval-mode BatchNorm folded into the conv feeding it (convs whose output a layer in `keep`
+    shows are not folded), verified on a probe batch; when the check fails, `ctx` itself and one
+    warning line. The prepared context keeps the loaded model as `unprepared`."""
+    from ..models.fold import fold_batchnorm
+
+    rep = fold_batchnorm(ctx.model, ctx.input_size, set(keep))
+    if not rep.applied:
+        if rep.failed:
+            warn(f"fold_bn: {rep.note}")
+        return ctx, rep
+    adapter = ModelAdapter(rep.model, ctx.input_size)
+    if "_default_layer" in vars(ctx.adapter):  # the same default layer by name (resolved on the loaded model)
+        adapter.__dict__["_default_layer"] = ctx.adapter.default_layer()
+    return dataclasses.replace(ctx, model=rep.model, adapter=adapter, unprepared=ctx.model), rep
+
+
+def bind_methods(specs, ctx: Context, fold_bn: bool = True, warn=_warn) -> Bound:
+    """Bind every (key, spec) once, on the run's prepared model when `fold_bn` (prepare_context;
+    the convs whose output a method hooks, such as a CAM layer `conv_head`, stay unfolded); specs
+    with `prepared_model = False` (LRP) and a method that turns out to hook a folded conv bind to
+    the model as loaded."""
+    specs = list(specs)
+    prep = [(k, s) for k, s in specs if s.prepared_model]
+    if not fold_bn or not prep:
+        why = "fold_bn: false" if not fold_bn else "no method runs on a prepared model"
+        return Bound({k: s.bind(ctx) for k, s in specs}, ctx, {"applied": False, "note": why})
+    pctx, rep = prepare_context(ctx, set().union(*(hooked_layers(s, ctx) for _, s in prep)), warn)
+    info = rep.summary()
+    if not rep.applied:
+        return Bound({k: s.bind(ctx) for k, s in specs}, ctx, info)
+    folded_convs = {c for c, _ in rep.folded}
+    methods, unprepared = {}, []
+    for key, spec in specs:
+        b = spec.bind(pctx) if spec.prepared_model else spec.bind(ctx)
+        layer = b.resolved().get("layer")
+        if spec.prepared_model and (layer in folded_convs if isinstance(layer, str) else bool(layer)):
+            b = spec.bind(ctx)  # it hooks a conv that was folded (a layer named by a file): the loaded model
+        if b.model is not rep.model:
+            unprepared.append(key)
+        methods[key] = b
+    if unprepared:
+        info["unprepared"] = unprepared
+    return Bound(methods, pctx, info)
 
 
 def looks_like_path(v) -> bool:

@@ -255,22 +255,33 @@ class BoundScoreCAM(BoundCAM):
         b_sz, k_sz = acts.shape[:2]
         size = tuple(x.shape[-2:])
         flat = acts.flatten(2)
-        informative = (flat.amax(2) - flat.amin(2)) > 0  # [B, K]
+        lo, hi = flat.amin(2), flat.amax(2)
+        informative = (hi - lo) > 0  # [B, K]
         pairs = informative.flatten().nonzero()[:, 0]  # indices b * K + k
-        scores = torch.zeros(b_sz * k_sz, device=x.device, dtype=torch.float32)
+        # The mask is min-max(upsample(A^k)); upsampling is linear and keeps constants, so it is
+        # min-max(upsample(min-max(A^k))): channels whose layer-resolution maps are equal after
+        # min-max scaling (ReLU6-saturated or one-hot channels, often) mask the image identically,
+        # and each distinct (image, mask) gets one forward.
+        rows = flat.reshape(b_sz * k_sz, -1)[pairs]
+        rows = (rows - lo.flatten()[pairs, None]) / (hi - lo).flatten()[pairs, None]
+        key = torch.cat([(pairs // k_sz)[:, None].to(rows.dtype), rows], 1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        grid = acts.shape[-2:]
+        unique_scores = torch.zeros(len(uniq), device=x.device, dtype=torch.float32)
         x = x.detach()
 
         def step(idx: Tensor) -> None:
-            p = pairs[idx]
-            b, k = p // k_sz, p % k_sz
-            m = upsample(acts[b, k], size)  # [n, H, W]
+            b = uniq[idx, 0].long()
+            m = upsample(uniq[idx, 1:].reshape(-1, *grid), size)  # [n, H, W]
             lo = m.flatten(1).amin(1).view(-1, 1, 1)
             hi = m.flatten(1).amax(1).view(-1, 1, 1)
             m = (m - lo) / (hi - lo).clamp_min(torch.finfo(m.dtype).tiny)
-            scores[p] = self.objective(self.model(x[b] * m[:, None].to(x.dtype)), tgt[b]).float()
+            unique_scores[idx] = self.objective(self.model(x[b] * m[:, None].to(x.dtype)), tgt[b]).float()
 
         with torch.no_grad():
-            self.ctx.chunker.map(self.loop("scorecam"), len(pairs), s.internal_batch, step, x.device)
+            self.ctx.chunker.map(self.loop("scorecam"), len(uniq), s.internal_batch, step, x.device)
+            scores = torch.zeros(b_sz * k_sz, device=x.device, dtype=torch.float32)
+            scores[pairs] = unique_scores[inverse]
             scores = scores.view(b_sz, k_sz)
             if s.baseline:
                 base = self.objective(self.model(torch.zeros_like(x)), tgt).float()

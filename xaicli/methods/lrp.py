@@ -165,6 +165,7 @@ class LRP(MethodSpec):
     extras = {"conservation_gap": "sum of the relevance map - sum of the initial relevance (LRP conservation)"}
     cost = "F + B (modified backward)"
     map_kind = "signed"  # relevance for (+) and against (-) the objective: a diverging overlay
+    prepared_model = False  # its canonizers merge the BatchNorms into its own copy (rules per layer type)
 
     def __post_init__(self):
         if self.epsilon < 0 or self.stabilizer < 0:

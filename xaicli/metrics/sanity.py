@@ -113,9 +113,11 @@ class CascadingRandomization(Metric):
 
     def compute(self, ctx, x, maps, target, *, method, **extras) -> MetricResult:
         """`method` is the BoundMethod that made `maps`; it is rebound to the randomized copy at
-        every step (a bound method may hold model-specific state: a head, a canonized copy)."""
-        groups = layer_groups(ctx.model, x, self.depth)
-        rnd = copy.deepcopy(ctx.model)
+        every step (a bound method may hold model-specific state: a head, a canonized copy). The
+        model randomised is the one as loaded (with its BatchNorms), not the run's folded copy."""
+        model = ctx.unprepared if ctx.unprepared is not None else ctx.model
+        groups = layer_groups(model, x, self.depth)
+        rnd = copy.deepcopy(model)
         named = dict(rnd.named_modules())
         orig_abs, orig_signed = prep_abs(maps), prep_signed(maps)
         rho_abs, rho_signed = [], []

@@ -99,29 +99,13 @@ def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
 def trace_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """(name, module, output) for every named submodule whose output is a tensor, in completion
     order, from one forward pass of `x` in eval mode without autograd; hooks removed after."""
-    records: list[tuple[str, nn.Module, torch.Tensor]] = []
-    handles = []
-
-    def make(name, mod):
-        def hook(_m, _i, out):
-            if isinstance(out, torch.Tensor):
-                records.append((name, mod, out))
-
-        return hook
-
     was_training = model.training
+    model.eval()
     try:
-        for name, mod in model.named_modules():
-            if name:
-                handles.append(mod.register_forward_hook(make(name, mod)))
-        model.eval()
-        with torch.no_grad():
-            model(x)
+        calls = trace_calls(model, x)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return records
+    return [(name, mod, out) for name, mod, _inp, out in calls if isinstance(out, torch.Tensor)]
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -77,6 +77,16 @@ def replace_output(model: nn.Module, layer: str | nn.Module, output: torch.Tenso
         handle.remove()
 
 
+def _forward_then_remove(model: nn.Module, x: torch.Tensor, handles: list) -> None:
+    """One forward pass of `x` without autograd for the hooks in `handles`, removed afterwards."""
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Names of the modules holding parameters of their own, in the order a forward pass of `x`
     runs them (registration order can differ); the hooks are removed before returning."""
@@ -87,12 +97,7 @@ def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
             handles.append(
                 mod.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n) if n not in order else None)
             )
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_then_remove(model, x, handles)
     return order
 
 
@@ -254,7 +259,6 @@ def trace_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module,
     Every tensor stays referenced by the list, so `is` between records means the same tensor
     object (the output of one call handed to another). Hooks are removed before returning."""
     records: list[tuple[str, nn.Module, tuple, object]] = []
-    handles = []
 
     def make(name, mod):
         def hook(_m, inp, out):
@@ -262,13 +266,6 @@ def trace_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module,
 
         return hook
 
-    try:
-        for name, mod in model.named_modules():
-            if name:
-                handles.append(mod.register_forward_hook(make(name, mod)))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    handles = [mod.register_forward_hook(make(name, mod)) for name, mod in model.named_modules() if name]
+    _forward_then_remove(model, x, handles)
     return records
